@@ -1,0 +1,87 @@
+"""ConvNeXt as timm builds it (patchify stem, LN + 2x2 conv downsample, 7x7 depthwise blocks).
+
+Stage taps: the outputs of stages[0..3], NHWC. timm's channels-first LayerNorm2d is
+an ordinary last-axis LayerNorm in NHWC. Module names mirror timm's keys.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from pat_jax.models import layers
+
+
+class Block(nn.Module):
+  """dwconv 7x7 -> LN -> Mlp(4x) -> layer scale `gamma` -> drop path -> residual."""
+  dim: int
+  drop_path: float = 0.0
+  ls_init_value: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train):
+    y = layers.conv(self.dim, 7, 1, 3, groups=self.dim, dtype=self.dtype,
+                    kernel_init=layers.trunc_normal_02, name='conv_dw')(x)
+    y = layers.LayerNorm(dtype=self.dtype, name='norm')(y)
+    y = layers.Mlp(4 * self.dim, self.dim, dtype=self.dtype, name='mlp')(y)
+    gamma = self.param('gamma', nn.initializers.constant(self.ls_init_value), (self.dim,))
+    return x + layers.DropPath(self.drop_path)(y * gamma, train)
+
+
+class Stage(nn.Module):
+  """timm ConvNeXtStage: optional (LN, 2x2 stride-2 conv) downsample, then blocks."""
+  dim: int
+  depth: int
+  downsample: bool
+  drop_paths: Sequence[float]
+  ls_init_value: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train):
+    if self.downsample:
+      x = layers.LayerNorm(dtype=self.dtype, name='downsample_0')(x)
+      x = layers.conv(self.dim, 2, 2, 0, dtype=self.dtype, kernel_init=layers.trunc_normal_02,
+                      name='downsample_1')(x)
+    for b in range(self.depth):
+      x = Block(self.dim, self.drop_paths[b], self.ls_init_value, self.dtype, name=f'blocks_{b}')(x, train)
+    return x
+
+
+class Head(nn.Module):
+  """timm NormMlpClassifierHead: global average pool -> LayerNorm -> fc."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = layers.LayerNorm(name='norm')(x.astype(jnp.float32).mean(axis=(1, 2)))
+    return nn.Dense(self.num_classes, kernel_init=layers.trunc_normal_02, name='fc')(x)
+
+
+class ConvNeXt(nn.Module):
+  num_classes: int
+  depths: Sequence[int] = (3, 3, 9, 3)
+  dims: Sequence[int] = (96, 192, 384, 768)
+  drop_path_rate: float = 0.0
+  ls_init_value: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, return_features: bool = False, stage_hook=None):
+    x = layers.conv(self.dims[0], 4, 4, 0, dtype=self.dtype, kernel_init=layers.trunc_normal_02,
+                    name='stem_0')(x.astype(self.dtype))
+    x = layers.LayerNorm(dtype=self.dtype, name='stem_1')(x)
+
+    dpr = layers.drop_path_rates(self.drop_path_rate, sum(self.depths))
+    features, k = [], 0
+    for s, (depth, dim) in enumerate(zip(self.depths, self.dims)):
+      # The prompt sees the stage input, before the stage's own downsample
+      # (official-pat-code.md section 1.5).
+      x = layers.hook(stage_hook, s, x)
+      x = Stage(dim, depth, s > 0, dpr[k:k + depth], self.ls_init_value, self.dtype,
+                name=f'stages_{s}')(x, train)
+      k += depth
+      features.append(x)
+
+    logits = Head(self.num_classes, name='head')(x)
+    return (logits, features) if return_features else logits
