@@ -171,7 +171,7 @@ def flat_to_timm(flat: Mapping[tuple, Any]) -> Dict[str, np.ndarray]:
       v = v.astype(np.int64)
     elif path[-1] == 'kernel':
       v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
-    sd[_torch_key(path)] = np.ascontiguousarray(v)
+    sd[_torch_key(path)] = np.array(v, order="C")  # a writable copy: torch.from_numpy wants one
   return sd
 
 
@@ -221,20 +221,22 @@ def from_timm(name: str, source, num_classes: int, use_ema: bool = False, prefix
   expected = _flatten(abstract)
   got = timm_to_flat(sd)
 
-  problems = []
-  for path in sorted(set(expected) - set(got)):
-    problems.append(f'missing: {_describe(path)} (expected shape {tuple(expected[path].shape)})')
-  for path in sorted(set(got) - set(expected)):
-    problems.append(f'unexpected: {_describe(path)} (shape {tuple(got[path].shape)})')
-  for path in sorted(set(got) & set(expected)):
-    if tuple(got[path].shape) != tuple(expected[path].shape):
-      problems.append(f'shape mismatch: {_describe(path)} expected {tuple(expected[path].shape)} '
-                      f'(pat_jax layout) but found {tuple(got[path].shape)}')
-  if problems:
-    hint = _hint(name, num_classes, problems)
-    raise ConversionError(f'The weights do not fit pat_jax model {name!r} with num_classes='
-                          f'{num_classes}:\n  ' + '\n  '.join(problems[:20]) +
-                          (f'\n  ... and {len(problems) - 20} more' if len(problems) > 20 else '') + hint)
+  missing = [f'missing: {_describe(p)} (expected shape {tuple(expected[p].shape)})'
+             for p in sorted(set(expected) - set(got))]
+  unexpected = [f'unexpected: {_describe(p)} (shape {tuple(got[p].shape)})'
+                for p in sorted(set(got) - set(expected))]
+  mismatched = [f'shape mismatch: {_describe(p)} expected {tuple(expected[p].shape)} '
+                f'(pat_jax layout) but found {tuple(got[p].shape)}'
+                for p in sorted(set(got) & set(expected))
+                if tuple(got[p].shape) != tuple(expected[p].shape)]
+  if missing or unexpected or mismatched:
+    lines = []
+    for group in (mismatched, missing, unexpected):
+      lines += group[:8] + ([f'... and {len(group) - 8} more like this'] if len(group) > 8 else [])
+    raise ConversionError(
+        f'The weights do not fit pat_jax model {name!r} with num_classes={num_classes}: '
+        f'{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} of another shape.'
+        '\n  ' + '\n  '.join(lines) + _hint(name, num_classes, missing, unexpected, mismatched))
   return _unflatten({p: jnp.asarray(v, expected[p].dtype) for p, v in got.items()})
 
 
@@ -247,14 +249,14 @@ def _describe(path):
   return f'{"/".join(path[1:])} [{path[0]}] (timm key {_torch_key(path)!r})'
 
 
-def _hint(name, num_classes, problems):
-  if any('shape mismatch' in p and ('head' in p or "'fc." in p) for p in problems):
-    return (f'\nThe classifier head differs: the checkpoint was trained for another number of '
-            f'classes than num_classes={num_classes}; pass the right --num-classes.')
-  if sum(p.startswith(('missing', 'unexpected')) for p in problems) > 2:
+def _hint(name, num_classes, missing, unexpected, mismatched):
+  if len(missing) + len(unexpected) > 2:
     return (f'\nMany names differ: the checkpoint is probably of another architecture than '
             f'{name!r} (valid models: {", ".join(models.names())}).')
-  if any('pos_embed' in p for p in problems):
+  if any('head' in p or "'fc." in p for p in mismatched):
+    return (f'\nThe classifier head differs: the checkpoint was trained for another number of '
+            f'classes than num_classes={num_classes}; pass the right --num-classes.')
+  if any('pos_embed' in p for p in mismatched):
     return ('\npos_embed differs: the checkpoint was trained at another image size; create the '
             'model with the img_size it was trained at.')
   return ''

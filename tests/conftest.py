@@ -1,0 +1,10 @@
+"""Test environment: 8 fake CPU devices, no network, no accelerator.
+
+These variables must be set before jax (or huggingface_hub) is first imported.
+"""
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
