@@ -28,6 +28,7 @@ import numpy as np
 from pat_jax import models
 
 _WRAPPERS = ('state_dict', 'model', 'state_dict_ema', 'model_ema')
+_HEADS = ('head', 'fc')  # top-level classifier modules of the zoo's models
 _BN_BUFFERS = {'running_mean': 'mean', 'running_var': 'var',
                'num_batches_tracked': 'num_batches_tracked'}
 
@@ -206,21 +207,40 @@ def abstract_variables(name: str, num_classes: int, **overrides):
 # Public API.
 
 def from_timm(name: str, source, num_classes: int, use_ema: bool = False, prefix: str = '',
-              **overrides) -> Dict[str, Any]:
+              drop_head: bool = False, **overrides) -> Dict[str, Any]:
   """Flax variables ({'params', 'batch_stats'?}) for pat_jax model `name` from timm weights.
 
   `source` is a state dict (torch tensors or numpy arrays) or a path to a .pth /
   .pth.tar / .bin / .safetensors file. Raises ConversionError naming every missing,
-  unexpected or wrongly shaped parameter.
+  unexpected or wrongly shaped parameter. `drop_head=True` leaves the classifier out
+  (for fine-tuning on another label set; the caller keeps a freshly initialised head).
   """
   if isinstance(source, (str, os.PathLike)):
     sd = load_state_dict(os.fspath(source), use_ema=use_ema, prefix=prefix)
   else:
     sd = {k: _to_numpy(v) for k, v in _unwrap(source, use_ema, '<state dict>').items()}
+  got = timm_to_flat(sd)
+  if drop_head:
+    got = {p: v for p, v in got.items() if p[1] not in _HEADS}
+  expected = _expected(name, num_classes, drop_head, **overrides)
+  _check(name, num_classes, got, expected)
+  return _unflatten({p: jnp.asarray(v, expected[p].dtype) for p, v in got.items()})
+
+
+def _expected(name, num_classes, drop_head=False, **overrides):
   _, abstract = abstract_variables(name, num_classes, **overrides)
   expected = _flatten(abstract)
-  got = timm_to_flat(sd)
+  if drop_head:
+    expected = {p: v for p, v in expected.items() if p[1] not in _HEADS}
+  return expected
 
+
+def check_variables(name: str, variables, num_classes: int, **overrides):
+  """Raises ConversionError unless `variables` fit pat_jax model `name` exactly."""
+  _check(name, num_classes, _flatten(dict(variables)), _expected(name, num_classes, **overrides))
+
+
+def _check(name, num_classes, got, expected):
   missing = [f'missing: {_describe(p)} (expected shape {tuple(expected[p].shape)})'
              for p in sorted(set(expected) - set(got))]
   unexpected = [f'unexpected: {_describe(p)} (shape {tuple(got[p].shape)})'
@@ -237,7 +257,6 @@ def from_timm(name: str, source, num_classes: int, use_ema: bool = False, prefix
         f'The weights do not fit pat_jax model {name!r} with num_classes={num_classes}: '
         f'{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} of another shape.'
         '\n  ' + '\n  '.join(lines) + _hint(name, num_classes, missing, unexpected, mismatched))
-  return _unflatten({p: jnp.asarray(v, expected[p].dtype) for p, v in got.items()})
 
 
 def to_timm(variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:

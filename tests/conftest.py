@@ -8,3 +8,6 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# torchvision (through timm) must be imported before TensorFlow: the other order segfaults here.
+import timm  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import

@@ -36,15 +36,17 @@ class Stage(nn.Module):
   drop_paths: Sequence[float]
   ls_init_value: float = 1e-6
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, train):
+    block = layers.maybe_remat(Block, self.remat)
     if self.downsample:
       x = layers.LayerNorm(dtype=self.dtype, name='downsample_0')(x)
       x = layers.conv(self.dim, 2, 2, 0, dtype=self.dtype, kernel_init=layers.trunc_normal_02,
                       name='downsample_1')(x)
     for b in range(self.depth):
-      x = Block(self.dim, self.drop_paths[b], self.ls_init_value, self.dtype, name=f'blocks_{b}')(x, train)
+      x = block(self.dim, self.drop_paths[b], self.ls_init_value, self.dtype, name=f'blocks_{b}')(x, train)
     return x
 
 
@@ -65,6 +67,7 @@ class ConvNeXt(nn.Module):
   drop_path_rate: float = 0.0
   ls_init_value: float = 1e-6
   dtype: Any = jnp.float32
+  remat: bool = False  # recompute block activations in the backward pass (less memory)
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False, stage_hook=None):
@@ -78,7 +81,7 @@ class ConvNeXt(nn.Module):
       # The prompt sees the stage input, before the stage's own downsample
       # (official-pat-code.md section 1.5).
       x = layers.hook(stage_hook, s, x)
-      x = Stage(dim, depth, s > 0, dpr[k:k + depth], self.ls_init_value, self.dtype,
+      x = Stage(dim, depth, s > 0, dpr[k:k + depth], self.ls_init_value, self.dtype, self.remat,
                 name=f'stages_{s}')(x, train)
       k += depth
       features.append(x)

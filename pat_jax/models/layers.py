@@ -122,6 +122,14 @@ def drop_path_rates(rate: float, depth: int):
   return [rate * i / (depth - 1) for i in range(depth)]
 
 
+def maybe_remat(block_cls, remat: bool):
+  """The block class, rematerialised (activations recomputed in the backward pass) if asked.
+
+  `train` (the call's second positional argument) is static.
+  """
+  return nn.remat(block_cls, static_argnums=(2,)) if remat else block_cls
+
+
 def hook(stage_hook, index, x):
   """Applies the optional stage-input hook (the AFP prompt insertion point)."""
   return x if stage_hook is None else stage_hook(index, x)

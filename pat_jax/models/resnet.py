@@ -69,10 +69,11 @@ class ResNet(nn.Module):
   bottleneck: bool = False
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  remat: bool = False  # recompute block activations in the backward pass (less memory)
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False, stage_hook=None):
-    block_cls = Bottleneck if self.bottleneck else BasicBlock
+    block_cls = layers.maybe_remat(Bottleneck if self.bottleneck else BasicBlock, self.remat)
     # timm's plain 7x7 stem is always 64 wide, whatever `channels` says.
     x = layers.conv(64, 7, 2, 3, use_bias=False, dtype=self.dtype,
                     kernel_init=_conv_init, name='conv1')(x.astype(self.dtype))
@@ -85,7 +86,7 @@ class ResNet(nn.Module):
       x = layers.hook(stage_hook, s, x)
       for b in range(depth):
         stride = 2 if (s > 0 and b == 0) else 1
-        out_ch = planes * block_cls.expansion
+        out_ch = planes * (4 if self.bottleneck else 1)
         x = block_cls(planes, stride, downsample=(stride != 1 or in_ch != out_ch),
                       drop_path=dpr[k], dtype=self.dtype, name=f'layer{s + 1}_{b}')(x, train)
         in_ch, k = out_ch, k + 1

@@ -79,6 +79,7 @@ class VisionTransformer(nn.Module):
   stage_ends: Sequence[int] = (1, 3, 9, 11)
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  remat: bool = False  # recompute block activations in the backward pass (less memory)
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False, stage_hook=None):
@@ -95,11 +96,11 @@ class VisionTransformer(nn.Module):
 
     dpr = layers.drop_path_rates(self.drop_path_rate, self.depth)
     starts = [0] + [e + 1 for e in self.stage_ends[:-1]]
-    features = []
+    block, features = layers.maybe_remat(Block, self.remat), []
     for i in range(self.depth):
       if i in starts:
         x = layers.hook(stage_hook, starts.index(i), x)
-      x = Block(self.embed_dim, self.num_heads, self.mlp_ratio, dpr[i], self.dtype,
+      x = block(self.embed_dim, self.num_heads, self.mlp_ratio, dpr[i], self.dtype,
                 name=f'blocks_{i}')(x, train)
       if i in self.stage_ends:
         features.append(x)

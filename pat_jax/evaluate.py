@@ -1,0 +1,59 @@
+"""Exact top-1/top-5 over a whole split (padded last batch, masked), and --mode=eval."""
+import json
+import os
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from pat_jax import checkpoint, data, models, sharding
+
+
+def make_eval_step(model):
+  """(variables, batch) -> per-batch sums of correct top-1, top-5 and counted examples."""
+  def step(variables, batch):
+    logits = model.apply(variables, batch['image'], train=False).astype(jnp.float32)
+    top5 = jax.lax.top_k(logits, 5)[1]
+    hit = top5 == batch['label'][:, None]
+    mask = batch['mask'].astype(jnp.float32)
+    return {'top1': jnp.sum(hit[:, 0] * mask), 'top5': jnp.sum(jnp.any(hit, 1) * mask),
+            'n': jnp.sum(mask)}
+  return jax.jit(step)
+
+
+def evaluate(eval_step, variables_list, config, mesh) -> list:
+  """Evaluates several variable sets (e.g. raw and EMA student) in one pass over the split."""
+  totals = [{'top1': 0.0, 'top5': 0.0, 'n': 0.0} for _ in variables_list]
+  per_host = sharding.local_batch_size(config.get('eval_batch_size') or config.batch_size, mesh)
+  for local in data.eval_iterator(config, batch_size=per_host, process_index=jax.process_index(),
+                                  process_count=jax.process_count()):
+    batch = sharding.global_batch(local, mesh)
+    for tot, variables in zip(totals, variables_list):
+      for k, v in eval_step(variables, batch).items():
+        tot[k] += float(v)
+  return [{'top1': 100.0 * t['top1'] / max(t['n'], 1), 'top5': 100.0 * t['top5'] / max(t['n'], 1),
+           'num_examples': int(t['n'])} for t in totals]
+
+
+def evaluate_checkpoint(config, checkpoint_path: str, ema: bool = False) -> Dict[str, Any]:
+  """--mode=eval: the student (or its EMA) of a training or converted checkpoint."""
+  if os.path.isdir(os.path.join(checkpoint_path, 'checkpoints')):
+    checkpoint_path = os.path.join(checkpoint_path, 'checkpoints')
+  meta = checkpoint.load_meta(checkpoint_path)
+  variables = checkpoint.load_variables(checkpoint_path, item='ema' if ema else 'variables')
+  name = meta.get('model', config.model.name)
+  num_classes = meta.get('num_classes') or data.get_info(config).num_classes
+  overrides = dict(meta.get('overrides', {}))
+  model = models.create(name, num_classes=num_classes, **overrides)
+  mesh = sharding.make_mesh(config.get('num_devices', 0))
+  variables = jax.device_put(variables, sharding.replicated(mesh))
+  logging.info('Evaluating %s (%s) from %s', name, 'EMA' if ema else 'raw', checkpoint_path)
+  [result] = evaluate(make_eval_step(model), [variables], config, mesh)
+  result['step'] = int(meta.get('step', 0))
+  return result
+
+
+def print_result(result):
+  print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}),
+        flush=True)

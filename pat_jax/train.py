@@ -1,0 +1,325 @@
+"""train_and_evaluate(config, workdir): one linear training loop, in sections.
+
+Setup -> data -> models (student, frozen teacher, method) -> optimizer -> state (fresh
+or resumed) -> compiled steps -> loop (train, log, evaluate, checkpoint, preemption)
+-> final evaluation. The step is a pure function of (state, batch, teacher variables);
+randomness is fold_in(seed, step); the data position is the step. A run killed at any
+point resumes from its workdir and ends with the same parameters as an uninterrupted run.
+"""
+import json
+import os
+import signal
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.experimental import multihost_utils
+
+from pat_jax import checkpoint, convert, data, evaluate, metrics, models, optim, sharding
+from pat_jax.distill import registry
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any        # {'student': ..., 'method': ...}: everything the optimizer updates
+  batch_stats: Any   # {'student': ..., 'method': ...}
+  opt_state: Any
+  ema: Any           # EMA of the student's variables {'params', 'batch_stats'?}
+  method_state: Any  # carried from step to step (PAT's feedback)
+  rng: jax.Array     # raw uint32 key; step keys are fold_in(rng, step)
+
+
+def _model_overrides(config, name, dtype):
+  """img_size follows the data for models that have one; dtype from the config."""
+  fields = {f for f in models.spec(name).module.__dataclass_fields__}
+  overrides = {'dtype': dtype}
+  if 'img_size' in fields:
+    overrides['img_size'] = config.dataset.image_size
+  return overrides
+
+
+def _student_variables(params, batch_stats):
+  v = {'params': params['student']}
+  if batch_stats.get('student'):
+    v['batch_stats'] = batch_stats['student']
+  return v
+
+
+# ----------------------------------------------------------------------------
+# The model side of a run: student, method, optimizer, state init and the train step.
+
+class Trainer(NamedTuple):
+  student: Any
+  method: Any
+  tx: Any
+  lr_fn: Any
+  abstract: Any       # TrainState of ShapeDtypeStructs
+  shardings: Any      # TrainState of NamedShardings
+  init: Any           # rng -> TrainState, created sharded
+  train_step: Any     # (state, batch, teacher_vars) -> (state, metrics); donates state
+
+
+def make_trainer(config, mesh, num_classes, steps_per_epoch, teacher=None, teacher_vars=None):
+  """Builds the pure, jitted pieces of training (shared by train_and_evaluate and bench)."""
+  rep = sharding.replicated(mesh)
+  student_overrides = _model_overrides(config, config.model.name, jnp.dtype(config.dtype))
+  student_overrides['remat'] = config.model.get('remat', False)
+  if config.model.get('drop_path_rate') is not None:
+    student_overrides['drop_path_rate'] = config.model.drop_path_rate
+  student = models.create(config.model.name, num_classes=num_classes, **student_overrides)
+  method = registry.create(config, student, teacher)
+  tx, lr_fn = optim.create(config.optim, config.num_epochs, steps_per_epoch)
+  size = config.dataset.image_size
+  sample = jnp.zeros((2, size, size, 3), jnp.float32)
+
+  def init_state(rng, teacher_vars):
+    r_student, r_method = jax.random.split(rng)
+    student_vars = student.init(r_student, sample, train=False)
+    m_params, m_stats, m_state = method.init(r_method, sample, student_vars, teacher_vars)
+    params = {'student': student_vars['params'], 'method': m_params}
+    batch_stats = {'student': student_vars.get('batch_stats', {}), 'method': m_stats}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), ema=_student_variables(params, batch_stats),
+                      method_state=m_state, rng=rng)
+
+  abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0), teacher_vars)
+  shardings = jax.tree_util.tree_map(lambda _: rep, abstract)
+  shardings = shardings.replace(method_state=method.state_shardings(abstract.method_state, mesh))
+  init = lambda rng: jax.jit(init_state, out_shardings=shardings)(rng, teacher_vars)  # pylint: disable=unnecessary-lambda-assignment
+
+  def train_step(state, batch, teacher_vars):
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      out = method(params, state.batch_stats, state.method_state, teacher_vars, batch, rng)
+      return sum(out.terms.values()), out
+
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = optim.ema_update(state.ema, _student_variables(params, out.batch_stats), config.ema_decay)
+    labels = jnp.argmax(batch['label'], -1)
+    step_metrics = {'train_loss': loss, 'lr': lr_fn(state.step), 'grad_norm': optax.global_norm(grads),
+                    'train_top1': 100 * jnp.mean(jnp.argmax(out.logits, -1) == labels),
+                    **{f'loss_{k}': v for k, v in out.terms.items()}}
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=out.batch_stats,
+                              opt_state=opt_state, ema=ema, method_state=out.state)
+    return new_state, step_metrics
+
+  train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=(shardings, rep))
+  return Trainer(student, method, tx, lr_fn, abstract, shardings, init, train_step)
+
+
+# ----------------------------------------------------------------------------
+# Teacher: reloaded from its source at every start, never checkpointed.
+
+def load_teacher(config, num_classes, workdir, mesh):
+  """(teacher module, variables) or (None, None) when the config has no teacher."""
+  tcfg = config.teacher
+  if not tcfg.get('name'):
+    return None, None
+  path = tcfg.get('checkpoint') or ''
+  if not path and tcfg.get('pretrain') is not None:
+    path = os.path.join(workdir, 'teacher', 'checkpoints')
+  if tcfg.get('pretrain') is not None and not os.path.isdir(path):
+    logging.info('Teacher checkpoint %s is missing: training the teacher first.', path)
+    train_and_evaluate(tcfg.pretrain, os.path.dirname(path))
+  if not path or not os.path.exists(path):
+    raise FileNotFoundError(
+        f'teacher.checkpoint={path!r} does not exist. Get a teacher by converting timm weights '
+        f'(e.g. the OFA-KD CIFAR-100 release file {tcfg.name}_cifar100.pth): python -m '
+        f'pat_jax.convert --model {tcfg.name} --num-classes {num_classes} --input FILE --output DIR, '
+        f'then set --config.teacher.checkpoint=DIR; or train one with configs/teacher_cifar_convnext.py.')
+  overrides = _model_overrides(config, tcfg.name, jnp.dtype(config.dtype))
+  teacher = models.create(tcfg.name, num_classes=num_classes, remat=tcfg.get('remat', False),
+                          **overrides)
+  shape_overrides = {k: v for k, v in overrides.items() if k != 'dtype'}
+  if os.path.isfile(path):
+    variables = convert.from_timm(tcfg.name, path, num_classes=num_classes, **shape_overrides)
+  else:
+    variables = checkpoint.load_variables(path)
+    convert.check_variables(tcfg.name, variables, num_classes, **shape_overrides)
+  variables = jax.device_put(variables, sharding.replicated(mesh))
+
+  if tcfg.get('min_top1', 0) > 0:
+    [res] = evaluate.evaluate(evaluate.make_eval_step(teacher), [variables], config, mesh)
+    logging.info('Teacher %s from %s: top-1 %.2f%%, top-5 %.2f%% on %d examples.', tcfg.name, path,
+                 res['top1'], res['top5'], res['num_examples'])
+    if res['top1'] < tcfg.min_top1:
+      raise ValueError(
+          f'Teacher {tcfg.name} from {path} reaches only {res["top1"]:.2f}% top-1 on '
+          f'{config.dataset.eval_split} (chance is {100 / num_classes:.2f}%, teacher.min_top1='
+          f'{tcfg.min_top1}): the checkpoint is probably for another dataset, class order or '
+          f'preprocessing. Check teacher.checkpoint, or lower teacher.min_top1 on purpose.')
+  return teacher, variables
+
+
+def _init_student_from(config, variables, num_classes):
+  """model.init_checkpoint: start the student from pretrained weights, head freshly initialised."""
+  path = config.model.get('init_checkpoint') or ''
+  if not path:
+    return variables
+  name = config.model.name
+  shape = {k: v for k, v in _model_overrides(config, name, jnp.float32).items() if k != 'dtype'}
+  if os.path.isfile(path):
+    loaded = convert.from_timm(name, path, num_classes=num_classes, drop_head=True, **shape)
+  else:
+    loaded = checkpoint.load_variables(path)
+    loaded = {c: {k: v for k, v in tree.items() if k not in ('head', 'fc')} for c, tree in loaded.items()}
+  merged = jax.tree_util.tree_map(lambda x: x, dict(variables))
+  for collection, tree in loaded.items():
+    for k, v in tree.items():
+      merged[collection][k] = jax.tree_util.tree_map(jnp.asarray, v)
+  convert.check_variables(name, merged, num_classes, **shape)
+  logging.info('Initialised the student from %s (classifier left at its init).', path)
+  return merged
+
+
+# ----------------------------------------------------------------------------
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) the configured run in `workdir`; returns the final summary."""
+  # ---- Setup ---------------------------------------------------------------
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh(config.get('num_devices', 0))
+  rep = sharding.replicated(mesh)
+  writer = metrics.MetricWriter(workdir)
+
+  # ---- Data ----------------------------------------------------------------
+  info = data.get_info(config)
+  steps_per_epoch = data.steps_per_epoch(config, config.batch_size)
+  total_steps = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
+  per_host_batch = sharding.local_batch_size(config.batch_size, mesh)
+  every = lambda n: n if n > 0 else steps_per_epoch  # pylint: disable=unnecessary-lambda-assignment
+  log_every, eval_every = every(config.log_every_steps), every(config.eval_every_steps)
+  ckpt_every = every(config.checkpoint_every_steps)
+
+  # ---- Models, optimizer, compiled step ---------------------------------------
+  teacher, teacher_vars = load_teacher(config, info.num_classes, workdir, mesh)
+  trainer = make_trainer(config, mesh, info.num_classes, steps_per_epoch, teacher, teacher_vars)
+  student, shardings, train_step = trainer.student, trainer.shardings, trainer.train_step
+
+  # ---- State: fresh (created sharded) or resumed ---------------------------
+  rng = jax.random.PRNGKey(config.seed)
+  ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, 'checkpoints'),
+                                      keep=config.get('keep_checkpoints', 2))
+  best = {'top1': -1.0, 'source': None, 'step': None}
+  if ckpt.latest_step() is not None:
+    with_shardings = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), trainer.abstract, shardings)
+    state, meta = ckpt.restore(ckpt.latest_step(), with_shardings)
+    best = meta.get('best', best)
+    logging.info('Resumed from %s at step %d.', ckpt.directory, int(state.step))
+  else:
+    state = trainer.init(rng)
+    if config.model.get('init_checkpoint'):
+      student_vars = _init_student_from(config, _student_variables(state.params, state.batch_stats),
+                                        info.num_classes)
+      student_vars = jax.device_put(student_vars, rep)
+      state = state.replace(
+          params={**state.params, 'student': student_vars['params']},
+          batch_stats={**state.batch_stats, 'student': student_vars.get('batch_stats', {})},
+          ema=student_vars, opt_state=jax.jit(trainer.tx.init, out_shardings=rep)(
+              {**state.params, 'student': student_vars['params']}))
+  start_step = int(state.step)
+
+  eval_step = evaluate.make_eval_step(student)
+
+  def run_eval(state, step):
+    raw, ema = evaluate.evaluate(
+        eval_step, [_student_variables(state.params, state.batch_stats), state.ema], config, mesh)
+    row = {'eval_top1': raw['top1'], 'eval_top5': raw['top5'],
+           'ema_eval_top1': ema['top1'], 'ema_eval_top5': ema['top5'], 'epoch': step / steps_per_epoch}
+    top1, source = max((raw['top1'], 'raw'), (ema['top1'], 'ema'))
+    if top1 > best['top1']:
+      best.update(top1=top1, source=source, step=step)
+    row['best_top1'] = best['top1']
+    writer.write(step, row)
+    logging.info('step %d: eval top-1 %.2f (EMA %.2f), best %.2f (%s, step %s)', step, raw['top1'],
+                 ema['top1'], best['top1'], best['source'], best['step'])
+    return row, top1
+
+  def save(state, step, top1=None):
+    meta = {'step': step, 'epoch': step / steps_per_epoch, 'best': best, 'model': config.model.name,
+            'num_classes': info.num_classes,
+            'overrides': {k: getattr(student, k) for k in ('img_size',) if hasattr(student, k)}}
+    ckpt.save(step, state, meta, metrics=None if top1 is None else {'top1': top1}, force=True)
+
+  # ---- Loop ------------------------------------------------------------------
+  # SIGTERM (a preempted VM, a cluster scheduler) -> checkpoint at the next step boundary, exit.
+  preempted = []
+  try:
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  except ValueError:  # not the main thread: the caller handles signals
+    previous_handler = None
+
+  def should_stop(step):
+    stop = bool(preempted)
+    if jax.process_count() > 1:  # all hosts must agree, or the others block in collectives
+      if step % log_every:
+        return ckpt.reached_preemption(step)
+      stop = bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
+    return stop or ckpt.reached_preemption(step)
+
+  train_iter = data.train_iterator(config, batch_size=per_host_batch, start_step=start_step,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  progress = metrics.Progress(total_steps, start_step, config.batch_size)
+  last_eval = None
+  logging.info('Training %s (%s) for %d steps (%d per epoch) from step %d on %d devices.',
+               config.model.name, config.method.name, total_steps, steps_per_epoch, start_step,
+               mesh.devices.size)
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = sharding.global_batch(next(train_iter), mesh)
+      state, step_metrics = train_step(state, batch, teacher_vars)
+
+      if step % log_every == 0 or step == total_steps:
+        row = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        if not np.isfinite(row['train_loss']):
+          raise FloatingPointError(f'Non-finite loss at step {step}: {row}')
+        row.update(progress.update(step), epoch=step / steps_per_epoch)
+        writer.write(step, row)
+        logging.info('step %d/%d (epoch %.2f) loss %.4f lr %.3g %.1f img/s ETA %s', step,
+                     total_steps, row['epoch'], row['train_loss'], row['lr'], row['img_per_s'],
+                     metrics.format_eta(row['eta_s']))
+
+      top1 = None
+      if step % eval_every == 0 or step == total_steps:
+        last_eval, top1 = run_eval(state, step)
+      if top1 is not None or step % ckpt_every == 0 or step == total_steps:
+        save(state, step, top1)
+      if should_stop(step):
+        if step % ckpt_every and top1 is None and step != total_steps:
+          save(state, step)
+        ckpt.wait()
+        logging.warning('Preempted at step %d: checkpoint saved, exiting.', step)
+        return {'status': 'preempted', 'step': step}
+
+    # ---- Final report ----------------------------------------------------------
+    if last_eval is None:  # resumed at the end: evaluate what was restored
+      last_eval, _ = run_eval(state, int(state.step))
+    result = {'status': 'done', 'step': int(state.step), 'best_top1': best['top1'],
+              'best_source': best['source'], 'best_step': best['step'],
+              'final_top1': last_eval['eval_top1'], 'final_ema_top1': last_eval['ema_eval_top1'],
+              'final_top5': last_eval['eval_top5']}
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, 'result.json'), 'w', encoding='utf-8') as f:
+        json.dump(result, f, indent=2)
+    logging.info('Done: %s', result)
+    return result
+  finally:
+    ckpt.close()
+    writer.close()
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
