@@ -1,0 +1,1 @@
+"""Distillation methods and their building blocks (losses, PAT modules)."""

@@ -1,0 +1,18 @@
+"""method.name -> distillation method class."""
+from pat_jax.distill import base, kd, pat
+
+METHODS = {
+    'none': base.Method,
+    'kd': kd.KD,
+    'pat': pat.PAT,
+}
+
+
+def create(config, student, teacher=None):
+  name = config.method.name
+  if name not in METHODS:
+    raise ValueError(f'Unknown method.name {name!r}. Valid: {sorted(METHODS)}.')
+  cls = METHODS[name]
+  if cls.uses_teacher and teacher is None:
+    raise ValueError(f"method.name={name!r} needs a teacher: set teacher.name and teacher.checkpoint.")
+  return cls(config, student, teacher)
