@@ -1,0 +1,213 @@
+"""Per-example and per-batch image ops in TF, matching timm/torchvision/PIL semantics.
+
+Every random draw is a `tf.random.stateless_*` call on an explicit key, so an augmented example is
+a pure function of (seed, epoch, example index) and the stream does not depend on thread
+scheduling. Keys are int64 vectors of shape [2] (TF's stateless seed format).
+
+Resizing re-implements Pillow's resampler exactly (see `resize`); the crop box sampling is
+timm's `RandomResizedCropAndInterpolation.get_params` with stateless draws.
+"""
+import math
+
+import tensorflow as tf
+
+
+def fold_in(key, *data):
+  """Derive a key from `key` and integers, e.g. fold_in(seed_key, epoch, index)."""
+  for d in data:
+    key = tf.random.experimental.stateless_fold_in(key, tf.cast(d, tf.int64))
+  return key
+
+
+def split(key, num):
+  return tf.unstack(tf.random.experimental.stateless_split(key, num))
+
+
+def uniform(key, shape=(), minval=0.0, maxval=1.0, dtype=tf.float64):
+  return tf.random.stateless_uniform(shape, key, minval, maxval, dtype=dtype)
+
+
+def randint(key, low, high_inclusive, shape=()):
+  """Python's random.randint(low, high): inclusive on both ends."""
+  u = uniform(key, shape)
+  span = tf.cast(high_inclusive - low + 1, tf.float64)
+  return tf.cast(low, tf.int32) + tf.minimum(tf.cast(tf.floor(u * span), tf.int32),
+                                              tf.cast(high_inclusive - low, tf.int32))
+
+
+def sample_crop_box(key, height, width, scale, ratio, attempts=10):
+  """timm RandomResizedCropAndInterpolation.get_params: (top, left, h, w) of the crop.
+
+  Ten attempts of (area ~ U(scale) * H*W, log-aspect ~ U(log ratio)), the first that fits wins;
+  otherwise a central crop clamped to the ratio range.
+  """
+  k_area, k_ratio, k_top, k_left = split(key, 4)
+  h = tf.cast(height, tf.float64)
+  w = tf.cast(width, tf.float64)
+  area = h * w
+  target_area = uniform(k_area, [attempts], scale[0], scale[1]) * area
+  log_r = uniform(k_ratio, [attempts], math.log(ratio[0]), math.log(ratio[1]))
+  aspect = tf.exp(log_r)
+  tw = tf.round(tf.sqrt(target_area * aspect))  # round() is half-to-even, as Python's
+  th = tf.round(tf.sqrt(target_area / aspect))
+  ok = tf.logical_and(tw <= w, th <= h)
+  first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)
+  any_ok = tf.reduce_any(ok)
+  # Fallback: whole image if its ratio is inside the range, else clamp to the range.
+  in_ratio = w / h
+  fw = tf.where(in_ratio < min(ratio), w, tf.where(in_ratio > max(ratio),
+                                                    tf.round(h * max(ratio)), w))
+  fh = tf.where(in_ratio < min(ratio), tf.round(w / min(ratio)), h)
+  crop_h = tf.cast(tf.where(any_ok, th[first], fh), tf.int32)
+  crop_w = tf.cast(tf.where(any_ok, tw[first], fw), tf.int32)
+  crop_h = tf.maximum(crop_h, 1)
+  crop_w = tf.maximum(crop_w, 1)
+  height = tf.cast(height, tf.int32)
+  width = tf.cast(width, tf.int32)
+  top = tf.where(any_ok, randint(k_top, 0, height - crop_h), (height - crop_h) // 2)
+  left = tf.where(any_ok, randint(k_left, 0, width - crop_w), (width - crop_w) // 2)
+  return top, left, crop_h, crop_w
+
+
+def to_uint8(x):
+  """Round and saturate a float image, as PIL does after resampling."""
+  return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
+
+
+_PRECISION_BITS = 22  # Pillow Resample.c: 32 - 8 - 2 for 8-bit images
+
+
+def _pil_filter(x, method):
+  x = tf.abs(x)
+  zero = tf.zeros_like(x)
+  if method == 'bilinear':
+    return tf.maximum(zero, 1.0 - x)
+  a = -0.5  # Pillow's bicubic
+  near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+  far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+  return tf.where(x < 1.0, near, tf.where(x < 2.0, far, zero))
+
+
+def _pil_coefficients(in_size, out_size, method):
+  """Pillow precompute_coeffs + normalize_coeffs_8bpc as an (out, in) matrix of fixed-point
+  integers (held in float64, where these sums are exact)."""
+  support = {'bilinear': 1.0, 'bicubic': 2.0}[method]
+  in_f = tf.cast(in_size, tf.float64)
+  scale = in_f / tf.cast(out_size, tf.float64)
+  filterscale = tf.maximum(scale, 1.0)
+  support = support * filterscale
+  center = (tf.range(out_size, dtype=tf.float64) + 0.5) * scale
+  xmin = tf.maximum(tf.floor(center - support + 0.5), tf.zeros_like(center))[:, None]
+  xmax = tf.minimum(tf.floor(center + support + 0.5), in_f)[:, None]
+  x = tf.range(in_size, dtype=tf.float64)[None, :]
+  inside = (x >= xmin) & (x < xmax)
+  w = _pil_filter((x - center[:, None] + 0.5) / filterscale, method)
+  w = tf.where(inside, w, tf.zeros_like(w))
+  total = tf.reduce_sum(w, axis=1, keepdims=True)
+  w = w / tf.where(total != 0.0, total, tf.ones_like(total))
+  fixed = w * float(1 << _PRECISION_BITS)
+  return tf.where(fixed < 0, tf.math.ceil(fixed - 0.5), tf.floor(fixed + 0.5))
+
+
+def _pil_pass(image, coeffs, equation):
+  acc = tf.einsum(equation, image, coeffs) + float(1 << (_PRECISION_BITS - 1))
+  return tf.clip_by_value(tf.floor(acc / float(1 << _PRECISION_BITS)), 0.0, 255.0)
+
+
+def resize(image, size_hw, method):
+  """Pillow's Image.resize of a uint8 (H, W, 3) image, bit-exact.
+
+  Same separable convolution as Pillow (triangle / a=-0.5 cubic kernels widened by the scale
+  when reducing, renormalised at the border), same 22-bit fixed-point coefficients and rounding,
+  horizontal pass first into uint8, then vertical. The passes are small matmuls in float64,
+  exact for these integer sums. (tf.image.resize differs by 1-2 levels and is slower here.)
+  """
+  shape = tf.shape(image)
+  img = tf.cast(image, tf.float64)
+  wide = _pil_pass(img, _pil_coefficients(shape[1], size_hw[1], method), 'hwc,ow->hoc')
+  out = _pil_pass(wide, _pil_coefficients(shape[0], size_hw[0], method), 'hwc,oh->owc')
+  return tf.cast(out, tf.uint8)
+
+
+def random_resized_crop(image, key, size, scale, ratio, interpolation):
+  """Crop with timm's box sampling, then resize to (size, size).
+
+  interpolation: 'bilinear', 'bicubic' or 'random' (bilinear or bicubic with p=0.5 each).
+  """
+  k_box, k_interp = split(key, 2)
+  shape = tf.shape(image)
+  top, left, h, w = sample_crop_box(k_box, shape[0], shape[1], scale, ratio)
+  crop = image[top:top + h, left:left + w]
+  if interpolation == 'random':
+    out = tf.cond(uniform(k_interp) < 0.5,
+                  lambda: resize(crop, (size, size), 'bilinear'),
+                  lambda: resize(crop, (size, size), 'bicubic'))
+  else:
+    out = resize(crop, (size, size), interpolation)
+  return tf.ensure_shape(out, (size, size, 3))
+
+
+def random_flip(image, key, prob):
+  return tf.cond(uniform(key) < prob, lambda: image[:, ::-1], lambda: image)
+
+
+def eval_resize_crop(image, size, crop_pct, interpolation='bilinear'):
+  """timm eval: Resize(floor(size / crop_pct)) on the shorter side, then CenterCrop(size)."""
+  scale_size = int(math.floor(size / crop_pct))
+  shape = tf.shape(image)
+  h, w = shape[0], shape[1]
+  # torchvision Resize(int): shorter side -> scale_size, longer side int(scale_size * long/short).
+  new_h = tf.where(h <= w, scale_size,
+                   tf.cast(tf.cast(scale_size, tf.float64) * tf.cast(h, tf.float64)
+                           / tf.cast(w, tf.float64), tf.int32))
+  new_w = tf.where(h <= w, tf.cast(tf.cast(scale_size, tf.float64) * tf.cast(w, tf.float64)
+                                   / tf.cast(h, tf.float64), tf.int32), scale_size)
+  resized = resize(image, tf.stack([new_h, new_w]), interpolation)
+  # torchvision CenterCrop: int(round((H - size) / 2)).
+  top = tf.cast(tf.round(tf.cast(new_h - size, tf.float64) / 2.0), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_w - size, tf.float64) / 2.0), tf.int32)
+  return tf.ensure_shape(resized[top:top + size, left:left + size], (size, size, 3))
+
+
+def normalize(images_uint8, mean, std):
+  """(x - 255*mean) / (255*std), as timm's PrefetchLoader does on the uint8 batch."""
+  mean = tf.constant([255.0 * m for m in mean], tf.float32)
+  std = tf.constant([255.0 * s for s in std], tf.float32)
+  return (tf.cast(images_uint8, tf.float32) - mean) / std
+
+
+def random_erasing(images, key, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3,
+                   attempts=10):
+  """timm RandomErasing(mode='pixel', count=1) on a normalised float batch (b, H, W, C).
+
+  Per example: with probability `prob`, up to ten attempts of (area ~ U(2%, 33%), log-aspect ~
+  U(log 0.3, log 1/0.3)); the first box strictly smaller than the image is filled with N(0, 1)
+  noise per pixel and channel.
+  """
+  b = tf.shape(images)[0]
+  height, width = images.shape[1], images.shape[2]
+  k_apply, k_area, k_ratio, k_top, k_left, k_noise = split(key, 6)
+  area = float(height * width)
+  apply = uniform(k_apply, [b]) <= prob
+  target = uniform(k_area, [b, attempts], min_area, max_area) * area
+  aspect = tf.exp(uniform(k_ratio, [b, attempts], math.log(min_aspect), math.log(1 / min_aspect)))
+  h = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)
+  w = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
+  ok = tf.logical_and(w < width, h < height)
+  first = tf.argmax(tf.cast(ok, tf.int32), axis=1, output_type=tf.int32)
+  h = tf.gather(h, first, batch_dims=1)
+  w = tf.gather(w, first, batch_dims=1)
+  apply = tf.logical_and(apply, tf.reduce_any(ok, axis=1))
+  top = randint(k_top, 0, height - h, [b])
+  left = randint(k_left, 0, width - w, [b])
+  rows = tf.range(height)[None, :, None]
+  cols = tf.range(width)[None, None, :]
+  inside = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
+            & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None])
+            & apply[:, None, None])
+  # Noise only for the erased examples (about reprob of them): the normal draws dominate.
+  erased = tf.cast(tf.where(apply), tf.int32)
+  noise = tf.random.stateless_normal(
+      tf.concat([tf.shape(erased)[:1], tf.shape(images)[1:]], 0), k_noise, dtype=images.dtype)
+  noise = tf.scatter_nd(erased, noise, tf.shape(images))
+  return tf.where(inside[..., None], noise, images)

@@ -1,0 +1,224 @@
+"""Dataset access: TFDS datasets, the local digits builder and image folders, read by index.
+
+The pipeline addresses examples by their index in the split, so the order of an epoch is a pure
+function of (seed, epoch) and any step can be resumed exactly. Two readers provide that:
+- 'memory' (default): the split is read once, in file order, into host RAM (decoded uint8 when
+  TFDS knows a fixed image shape, else the encoded bytes) and looked up with `tf.gather`.
+  CIFAR-100 train is 150 MB; digits and user folders are small.
+- 'random_access': `tfds.data_source` over ArrayRecord files (ImageNet prepared with
+  `--file_format=array_record`), one example read per index; nothing is held in memory.
+TFDS is never allowed to download: an unprepared dataset raises in well under a second with the
+command that prepares it.
+"""
+import dataclasses
+import os
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from pat_jax.data import digits
+
+FOLDER_PREFIX = 'folder:'
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif')
+_CACHE = {}
+_REGISTERED = {}
+
+
+class DatasetNotPreparedError(RuntimeError):
+  """The dataset is not in data_dir; the message says how to prepare it."""
+
+
+def _prepare_hint(name, data_dir):
+  shown = data_dir or '~/tensorflow_datasets'
+  if name.startswith('imagenet2012'):
+    return (f"Dataset '{name}' is not prepared in data_dir={shown}. ImageNet needs a manual "
+            f"download: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
+            f"{shown}/downloads/manual/, then run `tfds build imagenet2012 --data_dir={shown}` "
+            f"(add `--file_format=array_record` for config.dataset.reader='random_access').")
+  return (f"Dataset '{name}' is not prepared in data_dir={shown}, and pat_jax never downloads. "
+          f"On a machine with network run `tfds build {name} --data_dir={shown}` and copy the "
+          f"folder here (or set config.dataset.data_dir to where it is).")
+
+
+@dataclasses.dataclass
+class Split:
+  """One split in memory. images: uint8 (N, H, W, 3), or encoded bytes (N,) when sizes vary."""
+  images: np.ndarray
+  labels: np.ndarray
+  num_classes: int
+
+  @property
+  def encoded(self) -> bool:
+    return self.images.ndim == 1
+
+  def __len__(self):
+    return len(self.labels)
+
+
+def _builder(name, data_dir):
+  if name == 'digits':
+    return digits.prepare(data_dir)
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DatasetNotPreparedError(f'{_prepare_hint(name, data_dir)} ({e})') from None
+
+
+def _as_dataset(builder, name, data_dir, split, decoders=None):
+  try:
+    return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
+                              read_config=tfds.ReadConfig(try_autocache=False))
+  except AssertionError as e:  # tfds: "could not find data in <data_dir>"
+    raise DatasetNotPreparedError(_prepare_hint(name, data_dir)) from e
+
+
+def _fixed_image_shape(builder):
+  shape = builder.info.features['image'].shape
+  return all(d is not None for d in shape)
+
+
+def _load_tfds(name, data_dir, split) -> Split:
+  builder = _builder(name, data_dir)
+  num_classes = builder.info.features['label'].num_classes
+  if _fixed_image_shape(builder):
+    ds = _as_dataset(builder, name, data_dir, split)
+    ds = ds.map(lambda e: (e['image'], e['label'])).batch(4096)
+    parts = list(ds.as_numpy_iterator())
+    images = np.concatenate([p[0] for p in parts]).astype(np.uint8)
+    if images.shape[-1] == 1:
+      images = np.repeat(images, 3, axis=-1)
+  else:  # variable sizes (ImageNet-like): keep the encoded bytes, decode per example
+    ds = _as_dataset(builder, name, data_dir, split,
+                     decoders={'image': tfds.decode.SkipDecoding()})
+    parts = list(ds.map(lambda e: (e['image'], e['label'])).batch(4096).as_numpy_iterator())
+    images = np.concatenate([p[0] for p in parts]).astype(object)
+  labels = np.concatenate([p[1] for p in parts]).astype(np.int64)
+  return Split(images, labels, num_classes), builder.is_prepared()
+
+
+def folder_classes(root, split):
+  split_dir = os.path.join(root, split)
+  if not os.path.isdir(split_dir):
+    raise DatasetNotPreparedError(
+        f'Image folder {split_dir} does not exist; expected <root>/<split>/<class>/*.png|jpg.')
+  return sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+
+
+def _load_folder(root, split, class_split) -> Split:
+  """root/<split>/<class>/<file>: classes numbered in sorted order of the train split's folders,
+  files in sorted order; the bytes stay encoded and are decoded in the pipeline."""
+  classes = folder_classes(root, class_split)
+  images, labels = [], []
+  for label, cls in enumerate(classes):
+    cls_dir = os.path.join(root, split, cls)
+    if not os.path.isdir(cls_dir):
+      continue
+    for fname in sorted(os.listdir(cls_dir)):
+      if fname.lower().endswith(IMAGE_EXTENSIONS):
+        with open(os.path.join(cls_dir, fname), 'rb') as f:
+          images.append(f.read())
+        labels.append(label)
+  if not images:
+    raise DatasetNotPreparedError(f'No images found under {os.path.join(root, split)}.')
+  arr = np.empty(len(images), dtype=object)
+  arr[:] = images
+  return Split(arr, np.asarray(labels, np.int64), len(classes)), True
+
+
+def load_split(dataset_cfg, split: str) -> Split:
+  """The whole split in memory, in its stable file order (cached for prepared datasets)."""
+  name, data_dir = dataset_cfg.name, dataset_cfg.data_dir
+  if (name, split) in _REGISTERED:
+    return _REGISTERED[(name, split)]
+  key = (name, data_dir, split)
+  if key in _CACHE:
+    return _CACHE[key]
+  if name.startswith(FOLDER_PREFIX):
+    result, cacheable = _load_folder(name[len(FOLDER_PREFIX):], split, dataset_cfg.train_split)
+  else:
+    result, cacheable = _load_tfds(name, data_dir, split)
+  if cacheable:  # not under tfds.testing.mock_data, whose examples change per context
+    _CACHE[key] = result
+  return result
+
+
+def clear_cache():
+  _CACHE.clear()
+
+
+def register_arrays(name, split, images, labels, num_classes):
+  """Make numpy arrays readable as dataset `name` (e.g. 'memory:bench32'), split `split`.
+
+  images: uint8 (N, H, W, 3); labels: int (N,). Used by the benchmark and for users' own arrays;
+  everything after loading is the same code path as for TFDS datasets.
+  """
+  _REGISTERED[(name, split)] = Split(np.asarray(images, np.uint8), np.asarray(labels, np.int64),
+                                     int(num_classes))
+
+
+class RandomAccessSplit:
+  """`tfds.data_source` over ArrayRecord files; examples fetched one index at a time."""
+
+  def __init__(self, dataset_cfg, split):
+    name, data_dir = dataset_cfg.name, dataset_cfg.data_dir
+    builder = _builder(name, data_dir)
+    try:
+      self._source = builder.as_data_source(split=split,
+                                            decoders={'image': tfds.decode.SkipDecoding()})
+    except (AssertionError, FileNotFoundError) as e:
+      raise DatasetNotPreparedError(_prepare_hint(name, data_dir)) from e
+    self.num_classes = builder.info.features['label'].num_classes
+    self._len = len(self._source)
+
+  def __len__(self):
+    return self._len
+
+  def fetch(self, index):
+    ex = self._source[int(index)]
+    return np.asarray(ex['image'], dtype=object).item(), np.int64(ex['label'])
+
+
+def split_size(dataset_cfg, split: str) -> int:
+  if dataset_cfg.get('reader', 'memory') == 'random_access':
+    return len(RandomAccessSplit(dataset_cfg, split))
+  return len(load_split(dataset_cfg, split))
+
+
+def num_classes(dataset_cfg) -> int:
+  name = dataset_cfg.name
+  if (name, dataset_cfg.train_split) in _REGISTERED:
+    return _REGISTERED[(name, dataset_cfg.train_split)].num_classes
+  if name.startswith(FOLDER_PREFIX):
+    return len(folder_classes(name[len(FOLDER_PREFIX):], dataset_cfg.train_split))
+  return _builder(name, dataset_cfg.data_dir).info.features['label'].num_classes
+
+
+def decode(encoded):
+  return tf.ensure_shape(
+      tf.io.decode_image(encoded, channels=3, expand_animations=False), [None, None, 3])
+
+
+def make_lookup(dataset_cfg, split: str):
+  """(num_examples, num_classes, fn(index) -> (uint8 image (H, W, 3), int32 label)) for tf.data."""
+  if dataset_cfg.get('reader', 'memory') == 'random_access':
+    src = RandomAccessSplit(dataset_cfg, split)
+
+    def fetch(index):
+      img, label = tf.numpy_function(src.fetch, [index], (tf.string, tf.int64), stateful=False)
+      return decode(tf.reshape(img, [])), tf.cast(tf.reshape(label, []), tf.int32)
+    return len(src), src.num_classes, fetch
+
+  data = load_split(dataset_cfg, split)
+  # Variables, not constants: a 150 MB constant would be serialised into every map function.
+  with tf.device('/CPU:0'):
+    values = tf.constant(list(data.images), tf.string) if data.encoded else data.images
+    images = tf.Variable(values, trainable=False)
+    labels = tf.Variable(data.labels.astype(np.int32), trainable=False)
+
+  def lookup(index):
+    img = tf.gather(images, index)
+    img = decode(img) if data.encoded else img
+    return img, tf.gather(labels, index)
+  return len(data), data.num_classes, lookup

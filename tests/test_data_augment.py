@@ -1,0 +1,232 @@
+"""Each augmentation against its definition: timm/PIL for RandAugment and resizing, the timm
+formulas for crop boxes, mixup/cutmix, random erasing and the eval crop."""
+import math
+import random
+
+import numpy as np
+import pytest
+# torchvision (pulled in by timm) segfaults when imported after TensorFlow: import it first.
+from timm.data import auto_augment as timm_aa
+from timm.data import transforms as timm_transforms
+from PIL import Image
+import tensorflow as tf
+
+from pat_jax.data import augment
+from pat_jax.data import mixup
+from pat_jax.data import randaugment
+
+FILL = (129, 124, 112)  # round(255 * CIFAR mean)
+
+
+def _test_image(h=29, w=37, seed=0):
+  """Half smooth (bicubic-upsampled noise), half raw noise: exercises LUTs and interpolation."""
+  rng = np.random.default_rng(seed)
+  smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (6, 6, 3)).astype(np.uint8))
+                      .resize((w, h), Image.BICUBIC))
+  noise = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+  return np.concatenate([smooth[:, :w // 2], noise[:, w // 2:]], axis=1)
+
+
+def _timm_op(name, img, magnitude, negate, bicubic, monkeypatch):
+  # timm negates a signed argument when random.random() > 0.5.
+  monkeypatch.setattr(random, 'random', lambda: 1.0 if negate else 0.0)
+  level_fn = timm_aa.LEVEL_TO_ARG[name]
+  args = level_fn(magnitude, {'translate_pct': 0.45}) if level_fn else ()
+  out = timm_aa.NAME_TO_OP[name](Image.fromarray(img), *args, fillcolor=FILL,
+                                 resample=Image.BICUBIC if bicubic else Image.BILINEAR)
+  return np.asarray(out).astype(int)
+
+
+@pytest.mark.parametrize('name', randaugment.INCREASING_OPS)
+def test_randaugment_ops_match_timm_pil(name, monkeypatch):
+  """Tolerance: exact for every op except Rotate, where PIL rounds cos/sin to 15 decimals and a
+  sample landing within 1e-15 of a pixel boundary may truncate one level differently (observed:
+  max 1 level on < 0.1% of pixels)."""
+  img = _test_image()
+  for magnitude in (0.0, 3.3, 9.0, 10.0):
+    for negate in (False, True):
+      for bicubic in (False, True):
+        if name == 'PosterizeIncreasing' and magnitude >= 10:
+          continue  # Pillow >= 10 rejects bits=0; checked separately below
+        ref = _timm_op(name, img, magnitude, negate, bicubic, monkeypatch)
+        out = randaugment.apply_op(name, tf.constant(img), tf.constant(magnitude, tf.float64),
+                                   tf.constant(negate), tf.constant(bicubic), FILL)
+        diff = np.abs(out.numpy().astype(int) - ref)
+        where = f'{name} m={magnitude} negate={negate} bicubic={bicubic}'
+        if name == 'Rotate':
+          assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, where
+        else:
+          assert diff.max() == 0, where
+
+
+def test_posterize_zero_bits_is_black():
+  """Magnitude 10 keeps 0 bits: black, as Pillow < 10 did (the original's environment)."""
+  img = _test_image()
+  out = randaugment.apply_op('PosterizeIncreasing', tf.constant(img),
+                             tf.constant(10.0, tf.float64), tf.constant(False),
+                             tf.constant(False), FILL)
+  assert out.numpy().max() == 0
+
+
+def test_randaugment_parse_and_statistics():
+  cfg = randaugment.parse('rand-m9-mstd0.5-inc1')
+  assert cfg == dict(magnitude=9.0, num_layers=2, prob=0.5, magnitude_std=0.5,
+                     magnitude_max=10.0, increasing=True)
+  img = tf.constant(_test_image(16, 16))
+  changed = 0
+  for i in range(64):
+    out = randaugment.rand_augment(img, tf.constant([7, i], tf.int64), 'rand-m9-mstd0.5-inc1',
+                                   FILL)
+    assert out.shape == img.shape and out.dtype == tf.uint8
+    changed += int(not np.array_equal(out.numpy(), img.numpy()))
+  # P(no op applied) = 0.25, and a few ops are near-identity at some magnitudes.
+  assert 32 <= changed <= 60
+
+
+@pytest.mark.parametrize('method,pil', [('bilinear', Image.BILINEAR), ('bicubic', Image.BICUBIC)])
+def test_resize_matches_pil(method, pil):
+  """Bit-exact: same kernels, 22-bit fixed-point coefficients and pass order as Pillow."""
+  img = _test_image(32, 32)
+  for (top, left, h, w) in [(0, 0, 32, 32), (3, 5, 17, 11), (10, 2, 9, 20)]:
+    for size in (48, 20):
+      ref = np.asarray(Image.fromarray(img).crop((left, top, left + w, top + h))
+                       .resize((size, size), pil)).astype(int)
+      out = augment.resize(tf.constant(img[top:top + h, left:left + w]), (size, size), method)
+      np.testing.assert_array_equal(out.numpy().astype(int), ref)
+
+
+def _timm_boxes(n, size, scale, ratio):
+  rrc = timm_transforms.RandomResizedCropAndInterpolation(8, scale=scale, ratio=ratio)
+  img = Image.new('RGB', size)
+  random.seed(0)
+  return np.array([rrc.get_params(img, rrc.scale, rrc.ratio) for _ in range(n)])
+
+
+def _our_boxes(n, height, width, scale, ratio):
+  ds = tf.data.Dataset.range(n).map(lambda i: tf.stack(augment.sample_crop_box(
+      tf.stack([tf.constant(3, tf.int64), i]), height, width, scale, ratio)))
+  return np.stack(list(ds.as_numpy_iterator()))
+
+
+@pytest.mark.parametrize('hw', [(32, 32), (20, 48)])
+def test_crop_box_distribution_matches_timm(hw):
+  """Boxes lie inside the image, and the (area fraction, aspect, top/left) distributions equal
+  timm's get_params (two-sample KS distance on 2,000 draws each)."""
+  height, width = hw
+  scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+  ours = _our_boxes(2000, height, width, scale, ratio)
+  theirs = _timm_boxes(2000, (width, height), scale, ratio)
+  top, left, h, w = ours.T
+  assert (top >= 0).all() and (left >= 0).all()
+  assert (top + h <= height).all() and (left + w <= width).all() and (h >= 1).all()
+
+  def ks(a, b):
+    grid = np.union1d(a, b)
+    ca = np.searchsorted(np.sort(a), grid, side='right') / len(a)
+    cb = np.searchsorted(np.sort(b), grid, side='right') / len(b)
+    return np.abs(ca - cb).max()
+  for stat in (lambda x: x[:, 2] * x[:, 3], lambda x: x[:, 3] / x[:, 2], lambda x: x[:, 0],
+               lambda x: x[:, 1]):
+    assert ks(stat(ours), stat(theirs)) < 0.06
+
+
+def test_crop_box_fallback_is_central():
+  """A 4x40 image never fits ratio (3/4, 4/3) at scale ~1: timm's central fallback."""
+  top, left, h, w = [int(v) for v in augment.sample_crop_box(
+      tf.constant([0, 1], tf.int64), 4, 40, (0.99, 1.0), (3 / 4, 4 / 3))]
+  assert (h, w) == (4, round(4 * 4 / 3)) and top == 0 and left == (40 - w) // 2
+
+
+@pytest.mark.parametrize('size,crop_pct', [(224, 0.875), (224, 0.9), (32, 0.875)])
+def test_eval_resize_center_crop(size, crop_pct):
+  """Resize(floor(size / crop_pct)) bilinear + CenterCrop(size), vs PIL/torchvision."""
+  img = _test_image(32, 32)
+  scale_size = math.floor(size / crop_pct)
+  off = int(round((scale_size - size) / 2.0))
+  ref = np.asarray(Image.fromarray(img).resize((scale_size, scale_size), Image.BILINEAR))
+  ref = ref[off:off + size, off:off + size].astype(int)
+  out = augment.eval_resize_crop(tf.constant(img), size, crop_pct).numpy().astype(int)
+  assert out.shape == (size, size, 3)
+  np.testing.assert_array_equal(out, ref)  # bit-exact with PIL
+  # Geometry: a vertical edge at x = 16 of a 32-wide image stays at the centre of the crop.
+  edge = np.zeros((32, 32, 3), np.uint8)
+  edge[:, 16:] = 255
+  row = augment.eval_resize_crop(tf.constant(edge), size, crop_pct).numpy()[0, :, 0]
+  assert row[:size // 2 - 4].max() == 0 and row[size // 2 + 4:].min() == 255
+  # Non-square input: shorter side to scale_size, aspect kept.
+  tall = augment.eval_resize_crop(tf.zeros([40, 20, 3], tf.uint8), size, crop_pct)
+  assert tall.shape == (size, size, 3)
+
+
+def test_flip_probability_and_effect():
+  img = tf.constant(_test_image(8, 8))
+  flips = [np.array_equal(augment.random_flip(img, tf.constant([0, i], tf.int64), 0.5).numpy(),
+                          img.numpy()[:, ::-1]) for i in range(200)]
+  assert 70 < sum(flips) < 130
+
+
+def test_random_erasing_area_and_aspect_bounds():
+  b, s = 128, 32
+  x = tf.zeros([b, s, s, 3])
+  out = augment.random_erasing(x, tf.constant([1, 2], tf.int64), prob=1.0).numpy()
+  erased = np.any(out != 0, axis=-1)
+  for i in range(b):
+    ys, xs = np.nonzero(erased[i])
+    assert len(ys) > 0
+    h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    assert erased[i].sum() == h * w  # one rectangle
+    assert h < s and w < s
+    # h, w are rounded from sqrt(area * aspect): bounds widened by that rounding.
+    assert (math.sqrt(0.02 * s * s) - 1) ** 2 <= h * w <= (math.sqrt(s * s / 3) + 1) ** 2
+    assert (h - 0.5) / (w + 0.5) <= 1 / 0.3 and (h + 0.5) / (w - 0.5) >= 0.3
+  noise = out[erased]
+  assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1) < 0.05
+  some = augment.random_erasing(x, tf.constant([1, 3], tf.int64), prob=0.25).numpy()
+  assert 0.1 < np.mean(np.any(some != 0, axis=(1, 2, 3))) < 0.4
+
+
+def test_smoothed_targets_equal_label_smoothing_ce():
+  t = mixup.smooth_one_hot(tf.constant([3, 0]), 100, 0.1).numpy()
+  np.testing.assert_allclose(t[0, 3], 0.901, rtol=1e-6)
+  np.testing.assert_allclose(t[0, 0], 0.001, rtol=1e-6)
+  np.testing.assert_allclose(t.sum(1), 1.0, rtol=1e-6)
+
+
+def test_mixup_and_cutmix_label_mass():
+  """Batch mode: sample i mixed with b-1-i with one lambda; targets carry exactly that mass;
+  cutmix's lambda equals the fraction of pixels kept from the sample itself."""
+  b, s, c = 8, 16, 10
+  labels = tf.range(b)
+  images = tf.cast(tf.broadcast_to(tf.range(b)[:, None, None, None] * 30, [b, s, s, 3]), tf.uint8)
+  seen = set()
+  for seed in range(40):
+    key = tf.constant([5, seed], tf.int64)
+    mixed, targets = mixup.mix_batch(images, labels, key, c, 0.8, 1.0, smoothing=0.1)
+    mixed, targets = mixed.numpy().astype(float), targets.numpy()
+    np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-5)
+    lam = (targets[0, 0] - 0.01) / 0.9  # own label's mass, minus the eps/C off-value
+    for i in range(b):
+      j = b - 1 - i
+      np.testing.assert_allclose(targets[i, i] + targets[i, j], 0.9 + 0.02, atol=1e-5)
+      np.testing.assert_allclose((targets[i, i] - 0.01) / 0.9, lam, atol=1e-5)
+    own = mixed[0] == 0
+    other = mixed[0] == (b - 1) * 30
+    if np.all(own | other) and other.any():  # cutmix: one box from the partner
+      seen.add('cutmix')
+      np.testing.assert_allclose(own.mean(), lam, atol=1e-5)
+      ys, xs = np.nonzero(other[..., 0])
+      assert other[..., 0].sum() == (np.ptp(ys) + 1) * (np.ptp(xs) + 1)
+    else:  # mixup: rint(lam * x_i + (1 - lam) * x_j) on uint8
+      seen.add('mixup')
+      expect = np.rint(np.float32(0) * np.float32(lam) + np.float32((b - 1) * 30)
+                       * (np.float32(1) - np.float32(lam)))
+      assert np.abs(mixed[0] - expect).max() <= 1
+  assert seen == {'mixup', 'cutmix'}
+
+
+def test_no_mixing_gives_smoothed_one_hot():
+  images = tf.zeros([4, 8, 8, 3], tf.uint8)
+  mixed, targets = mixup.mix_batch(images, tf.constant([1, 2, 3, 4]), tf.constant([0, 0],
+                                   tf.int64), 10, 0.0, 0.0, smoothing=0.1)
+  np.testing.assert_allclose(targets.numpy(), mixup.smooth_one_hot([1, 2, 3, 4], 10, 0.1))
+  assert mixed is images
