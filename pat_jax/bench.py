@@ -24,6 +24,8 @@ flags.DEFINE_integer('steps', 10, 'Timed steps (after one compile-and-run step).
 flags.DEFINE_integer('num_classes', 100, 'Classes of the synthetic task.')
 flags.DEFINE_bool('json', False, 'Print only the JSON line.')
 flags.DEFINE_bool('torch', False, 'Time the same step in timm + PyTorch instead (method none/kd).')
+flags.DEFINE_bool('compile_only', False, 'Compile and report memory/FLOPs without running the step.')
+flags.DEFINE_bool('breakdown', False, 'PAT: also time the parts of the step separately.')
 
 # Dense bf16 peak FLOP/s per chip, for MFU.
 _PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v4': 275e12, 'TPU v5e': 197e12,
@@ -37,7 +39,69 @@ def _peak_flops(device_kind: str):
   return None
 
 
-def bench_jax(config, steps, num_classes):
+def _median_time(fn, *args, steps=3):
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def pat_breakdown(trainer, state, batch, teacher_vars, steps):
+  """Seconds for the parts of a PAT step, each compiled on its own (XLA fuses across them
+  in the real step, so they need not add up to it exactly)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from pat_jax.distill import losses, pat_modules  # pylint: disable=g-import-not-at-top
+  method, student = trainer.method, trainer.student
+  images, labels = batch['image'], batch['label']
+  sv = {'params': state.params['student'], **({'batch_stats': state.batch_stats['student']}
+                                               if state.batch_stats['student'] else {})}
+
+  def student_loss(p):
+    logits, _ = student.apply({**sv, 'params': p}, images, train=True, mutable=['batch_stats'],
+                              rngs={'dropout': jax.random.PRNGKey(0)})
+    return losses.soft_target_cross_entropy(logits, labels)
+
+  teacher_fwd = lambda tv, x: method.teacher.apply(tv, x, train=False)  # pylint: disable=unnecessary-lambda-assignment
+  _, feats_s = student.apply(sv, images, train=False, return_features=True)
+  logits_t0 = teacher_fwd(teacher_vars, images)
+  net = method.net
+  mv = {'params': {**state.params['method'], 'teacher': teacher_vars['params']},
+        'batch_stats': {**state.batch_stats['method']}}
+  feedback = {s: state.method_state['student'][s] - state.method_state['teacher'][s]
+              for s in net.afp_stages}
+
+  def prompted_loss(p):  # only the prompted teacher's logits: XLA drops the RAA branch
+    params = {**state.params['method'], **p, 'teacher': teacher_vars['params']}
+    (logits_t, _), _ = net.apply({**mv, 'params': params}, images,
+                                 feats_s, feedback, True, mutable=['batch_stats'])
+    return losses.kd_loss(logits_t, logits_t0, 1.0)
+
+  _, feats_t = method.teacher.apply(teacher_vars, images, train=False, return_features=True)
+  fl = pat_modules.PATFeatureLoss(net.student_shapes, tuple(net.feedback_shape(s) for s in range(4)),
+                                  net.num_queries, net.dim, net.heads)
+  fl_vars = {'params': state.params['method']['distill'],
+             'batch_stats': state.batch_stats['method'].get('distill', {})}
+
+  def feature_loss(p, fs):
+    out, _ = fl.apply({**fl_vars, 'params': p}, fs, feats_t, True, mutable=['batch_stats'])
+    return out['loss']
+
+  mparams = {k: v for k, v in state.params['method'].items() if k != 'distill'}
+  return {
+      'student_fwd_bwd_s': _median_time(jax.jit(jax.grad(student_loss)), state.params['student'], steps=steps),
+      'teacher_fwd_s': _median_time(jax.jit(teacher_fwd), teacher_vars, images, steps=steps),
+      'prompted_teacher_fwd_bwd_s': _median_time(jax.jit(jax.grad(prompted_loss)), mparams, steps=steps),
+      'raa_aligners_loss_fwd_bwd_s': _median_time(jax.jit(jax.grad(feature_loss, argnums=(0, 1))),
+                                                  fl_vars['params'], feats_s, steps=steps),
+  }
+
+
+def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -72,6 +136,16 @@ def bench_jax(config, steps, num_classes):
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get('flops', 0.0)) if cost else 0.0
 
+  device = jax.devices()[0]
+  n = mesh.devices.size
+  result = {
+      'impl': 'pat_jax', 'model': config.model.name, 'teacher': config.teacher.name,
+      'method': config.method.name, 'batch_size': b, 'image_size': s, 'dtype': config.dtype,
+      'remat': bool(config.model.remat or config.teacher.remat), 'compile_s': compile_s,
+      'peak_bytes': peak, 'flops_per_step': flops, 'device': f'{n} x {device.device_kind} ({device.platform})'}
+  if compile_only:
+    return result
+  extra = pat_breakdown(trainer, state, batch, teacher_vars, steps) if breakdown else {}
   state, m = compiled(state, batch, teacher_vars)  # first run (allocations)
   jax.block_until_ready(m)
   times = []
@@ -81,20 +155,13 @@ def bench_jax(config, steps, num_classes):
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   step_time = statistics.median(times)
-  device = jax.devices()[0]
   stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
   peak_flops = _peak_flops(device.device_kind)
-  n = mesh.devices.size
-  return {
-      'impl': 'pat_jax', 'model': config.model.name, 'teacher': config.teacher.name,
-      'method': config.method.name, 'batch_size': b, 'image_size': s, 'dtype': config.dtype,
+  result.update({
       'img_per_s': b / step_time, 'step_time_s': step_time, 'step_time_min_s': min(times),
-      'step_time_max_s': max(times), 'compile_s': compile_s, 'peak_bytes': peak,
-      'device_peak_bytes_in_use': (stats or {}).get('peak_bytes_in_use'),
-      'flops_per_step': flops,
-      'mfu': (flops / step_time / (peak_flops * n)) if (peak_flops and flops) else None,
-      'device': f'{n} x {device.device_kind} ({device.platform})',
-  }
+      'step_time_max_s': max(times), 'device_peak_bytes_in_use': (stats or {}).get('peak_bytes_in_use'),
+      'mfu': (flops / step_time / (peak_flops * n)) if (peak_flops and flops) else None, **extra})
+  return result
 
 
 def bench_torch(config, steps, num_classes):
@@ -165,8 +232,11 @@ def main(argv):
                          'python -m pat_jax.bench data ...).')
   if FLAGS.config is None:
     raise app.UsageError('--config is required.')
-  fn = bench_torch if FLAGS.torch else bench_jax
-  result = fn(FLAGS.config, FLAGS.steps, FLAGS.num_classes)
+  if FLAGS.torch:
+    result = bench_torch(FLAGS.config, FLAGS.steps, FLAGS.num_classes)
+  else:
+    result = bench_jax(FLAGS.config, FLAGS.steps, FLAGS.num_classes, FLAGS.compile_only,
+                       FLAGS.breakdown)
   if FLAGS.json:
     print(json.dumps(result), flush=True)
   else:

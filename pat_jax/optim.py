@@ -26,7 +26,8 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name='sgd', lr=0.05, weight_decay=2e-3, momentum=0.9,
       warmup_epochs=3, warmup_lr=1e-4, min_lr=1e-3, clip_grad=0.0,
-      decay_pos_embed=True, per_step_schedule=False))
+      decay_pos_embed=True, per_step_schedule=False,
+      schedule='cosine', decay_epochs=30, decay_rate=0.1))  # 'step': imagenet/cnn.yaml
 
 
 def cosine_lr(epoch, *, lr, min_lr, warmup_lr, warmup_epochs, num_epochs):
@@ -38,12 +39,25 @@ def cosine_lr(epoch, *, lr, min_lr, warmup_lr, warmup_epochs, num_epochs):
   return jnp.where(epoch < warmup_epochs, warm, cos)
 
 
+def step_lr(epoch, *, lr, warmup_lr, warmup_epochs, decay_epochs, decay_rate):
+  """timm StepLRScheduler._get_lr: lr * decay_rate ** (epoch // decay_epochs) after warm-up."""
+  epoch = jnp.asarray(epoch, jnp.float32)
+  warm = warmup_lr + epoch * (lr - warmup_lr) / max(warmup_epochs, 1)
+  return jnp.where(epoch < warmup_epochs, warm, lr * decay_rate ** jnp.floor(epoch / decay_epochs))
+
+
 def schedule(cfg, num_epochs: int, steps_per_epoch: int):
   """step -> learning rate."""
+  if cfg.get('schedule', 'cosine') not in ('cosine', 'step'):
+    raise ValueError(f"Unknown optim.schedule {cfg.schedule!r}: use 'cosine' or 'step'.")
+
   def fn(step):
     epoch = step / steps_per_epoch
     if not cfg.per_step_schedule:
       epoch = jnp.floor(epoch)
+    if cfg.get('schedule', 'cosine') == 'step':
+      return step_lr(epoch, lr=cfg.lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+                     decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate)
     return cosine_lr(epoch, lr=cfg.lr, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
                      warmup_epochs=cfg.warmup_epochs, num_epochs=num_epochs)
   return fn

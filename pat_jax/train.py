@@ -62,7 +62,7 @@ class Trainer(NamedTuple):
   abstract: Any       # TrainState of ShapeDtypeStructs
   shardings: Any      # TrainState of NamedShardings
   init: Any           # rng -> TrainState, created sharded
-  train_step: Any     # (state, batch, teacher_vars) -> (state, metrics); donates state
+  train_step: Any     # (state, batch, teacher_vars, first=False) -> (state, metrics); donates state
 
 
 def make_trainer(config, mesh, num_classes, steps_per_epoch, teacher=None, teacher_vars=None):
@@ -93,11 +93,11 @@ def make_trainer(config, mesh, num_classes, steps_per_epoch, teacher=None, teach
   shardings = shardings.replace(method_state=method.state_shardings(abstract.method_state, mesh))
   init = lambda rng: jax.jit(init_state, out_shardings=shardings)(rng, teacher_vars)  # pylint: disable=unnecessary-lambda-assignment
 
-  def train_step(state, batch, teacher_vars):
+  def train_step(state, batch, teacher_vars, first=False):
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-      out = method(params, state.batch_stats, state.method_state, teacher_vars, batch, rng)
+      out = method(params, state.batch_stats, state.method_state, teacher_vars, batch, rng, first)
       return sum(out.terms.values()), out
 
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -105,14 +105,16 @@ def make_trainer(config, mesh, num_classes, steps_per_epoch, teacher=None, teach
     params = optax.apply_updates(state.params, updates)
     ema = optim.ema_update(state.ema, _student_variables(params, out.batch_stats), config.ema_decay)
     labels = jnp.argmax(batch['label'], -1)
-    step_metrics = {'train_loss': loss, 'lr': lr_fn(state.step), 'grad_norm': optax.global_norm(grads),
+    step_metrics = {'train_loss': loss, 'lr': lr_fn(state.step), 'grad_norm': optax.tree.norm(grads),
                     'train_top1': 100 * jnp.mean(jnp.argmax(out.logits, -1) == labels),
                     **{f'loss_{k}': v for k, v in out.terms.items()}}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=out.batch_stats,
                               opt_state=opt_state, ema=ema, method_state=out.state)
     return new_state, step_metrics
 
-  train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=(shardings, rep))
+  # `first` (static): the run's very first step, compiled separately and only when used.
+  train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=(shardings, rep),
+                       static_argnames=('first',))
   return Trainer(student, method, tx, lr_fn, abstract, shardings, init, train_step)
 
 
@@ -126,10 +128,12 @@ def load_teacher(config, num_classes, workdir, mesh):
     return None, None
   path = tcfg.get('checkpoint') or ''
   if not path and tcfg.get('pretrain') is not None:
+    # No checkpoint given: train the teacher with teacher.pretrain into WORKDIR/teacher
+    # (resumes there like any run; skipped once finished).
     path = os.path.join(workdir, 'teacher', 'checkpoints')
-  if tcfg.get('pretrain') is not None and not os.path.isdir(path):
-    logging.info('Teacher checkpoint %s is missing: training the teacher first.', path)
-    train_and_evaluate(tcfg.pretrain, os.path.dirname(path))
+    if not os.path.isfile(os.path.join(workdir, 'teacher', 'result.json')):
+      logging.info('No teacher.checkpoint: training the teacher into %s first.', path)
+      train_and_evaluate(tcfg.pretrain, os.path.dirname(path))
   if not path or not os.path.exists(path):
     raise FileNotFoundError(
         f'teacher.checkpoint={path!r} does not exist. Get a teacher by converting timm weights '
@@ -282,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     for step in range(start_step + 1, total_steps + 1):
       batch = sharding.global_batch(next(train_iter), mesh)
-      state, step_metrics = train_step(state, batch, teacher_vars)
+      state, step_metrics = train_step(state, batch, teacher_vars, first=(step == 1))
 
       if step % log_every == 0 or step == total_steps:
         row = {k: float(v) for k, v in jax.device_get(step_metrics).items()}

@@ -41,7 +41,8 @@ def _timm_op(name, img, magnitude, negate, bicubic, monkeypatch):
 def test_randaugment_ops_match_timm_pil(name, monkeypatch):
   """Tolerance: exact for every op except Rotate, where PIL rounds cos/sin to 15 decimals and a
   sample landing within 1e-15 of a pixel boundary may truncate one level differently (observed:
-  max 1 level on < 0.1% of pixels)."""
+  max 1 level on < 0.1% of pixels). The ops run XLA-compiled (`apply_batch`, as in the
+  pipeline) with PIL's float64 arithmetic, so fusing them did not need a looser tolerance."""
   img = _test_image()
   for magnitude in (0.0, 3.3, 9.0, 10.0):
     for negate in (False, True):
@@ -81,6 +82,28 @@ def test_randaugment_parse_and_statistics():
     changed += int(not np.array_equal(out.numpy(), img.numpy()))
   # P(no op applied) = 0.25, and a few ops are near-identity at some magnitudes.
   assert 32 <= changed <= 60
+
+
+def test_randaugment_batch_equals_per_image_and_uncompiled_ops():
+  """The pipeline's path (draw per example, `apply_batch` per batch, XLA) gives each image what
+  `rand_augment` gives it alone, and the same values as the ops run uncompiled (plain TF graph
+  ops, one image at a time): XLA's fusion does not change the arithmetic."""
+  cfg = 'rand-m9-mstd0.5-inc1'
+  rng = np.random.default_rng(1)
+  images = tf.constant(rng.integers(0, 256, (16, 16, 16, 3)).astype(np.uint8))
+  keys = [tf.constant([13, i], tf.int64) for i in range(16)]
+  params = [tf.stack(v) for v in zip(*[randaugment.draw(k, cfg) for k in keys])]
+  assert params[0].shape == (16, 2)
+  applied = set(params[0].numpy().ravel()) - {len(randaugment.INCREASING_OPS)}
+  assert len(applied) >= 8  # many ops exercised
+  fill = tf.constant(FILL, tf.float64)
+  batch = randaugment.apply_batch(images, params, FILL).numpy()
+  for i, key in enumerate(keys):
+    if i < 3:
+      np.testing.assert_array_equal(batch[i], randaugment.rand_augment(images[i], key, cfg,
+                                                                       FILL).numpy())
+    eager = randaugment._layers(images[i], *[p[i] for p in params], fill)  # no XLA
+    np.testing.assert_array_equal(batch[i], eager.numpy())
 
 
 @pytest.mark.parametrize('method,pil', [('bilinear', Image.BILINEAR), ('bicubic', Image.BICUBIC)])
@@ -230,3 +253,123 @@ def test_no_mixing_gives_smoothed_one_hot():
                                    tf.int64), 10, 0.0, 0.0, smoothing=0.1)
   np.testing.assert_allclose(targets.numpy(), mixup.smooth_one_hot([1, 2, 3, 4], 10, 0.1))
   assert mixed is images
+
+
+@pytest.mark.parametrize('source_hw,size', [((32, 32), 224), ((32, 24), 40), ((8, 8), 16),
+                                            ((32, 32), 12)])
+def test_crop_resizer_equals_crop_then_pil_resize_then_flip(source_hw, size):
+  """The table path of the training crop (coefficients precomputed per crop size, the flip
+  folded into the column coefficients) is the crop, Pillow resize and flip, bit for bit,
+  upsampling and downsampling."""
+  h_src, w_src = source_hw
+  img = _test_image(h_src, w_src, seed=3)
+  resizer = augment.CropResizer(h_src, w_src, size)
+  rng = np.random.default_rng(0)
+  boxes = [(0, 0, h_src, w_src), (0, w_src - 1, 1, 1), (h_src - 1, 0, 1, w_src)]
+  for _ in range(12):
+    h, w = int(rng.integers(1, h_src + 1)), int(rng.integers(1, w_src + 1))
+    boxes.append((int(rng.integers(0, h_src - h + 1)), int(rng.integers(0, w_src - w + 1)), h, w))
+  for top, left, h, w in boxes:
+    for method_index, pil in enumerate((Image.BILINEAR, Image.BICUBIC)):
+      ref = np.asarray(Image.fromarray(img).crop((left, top, left + w, top + h))
+                       .resize((size, size), pil))
+      for flip in (False, True):
+        out = resizer(tf.constant(img), top, left, h, w, method_index, tf.constant(flip))
+        np.testing.assert_array_equal(out.numpy(), ref[:, ::-1] if flip else ref,
+                                      err_msg=f'{top, left, h, w} {method_index} {flip}')
+
+
+def test_crop_resize_flip_table_and_per_image_paths_agree():
+  """Same keys -> same crop, interpolation and flip draws, with and without the tables."""
+  img = tf.constant(_test_image(32, 32, seed=4))
+  resizer = augment.CropResizer(32, 32, 24)
+  for i in range(40):
+    args = (img, tf.constant([9, i], tf.int64), tf.constant([8, i], tf.int64), 24, (0.08, 1.0),
+            (3 / 4, 4 / 3), 'random', 0.5)
+    np.testing.assert_array_equal(augment.crop_resize_flip(*args, resizer=resizer).numpy(),
+                                  augment.crop_resize_flip(*args).numpy())
+  ref = augment.random_flip(augment.random_resized_crop(
+      img, tf.constant([9, 0], tf.int64), 24, (0.08, 1.0), (3 / 4, 4 / 3), 'random'),
+      tf.constant([8, 0], tf.int64), 0.5)
+  out = augment.crop_resize_flip(img, tf.constant([9, 0], tf.int64), tf.constant([8, 0], tf.int64),
+                                 24, (0.08, 1.0), (3 / 4, 4 / 3), 'random', 0.5, resizer=resizer)
+  np.testing.assert_array_equal(out.numpy(), ref.numpy())
+
+
+@pytest.mark.parametrize('mixup_alpha,cutmix_alpha', [(0.8, 1.0), (0.8, 0.0), (0.0, 1.0),
+                                                      (0.0, 0.0)])
+def test_fused_mix_normalize_equals_mix_batch_then_normalize(mixup_alpha, cutmix_alpha):
+  """The tabulated, XLA-fused batch step is `normalize(mix_batch(...))` bit for bit, targets
+  included, for mixup, cutmix and no mixing (all pixel pairs: the exhaustive test below)."""
+  images = tf.constant(np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), np.uint8))
+  labels = tf.constant([0, 1, 2, 3, 4, 5])
+  mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+  modes = set()
+  for seed in range(12):
+    key = tf.constant([5, seed], tf.int64)
+    ref_images, ref_targets = mixup.mix_batch(images, labels, key, 10, mixup_alpha, cutmix_alpha)
+    ref = augment.normalize(ref_images, mean, std).numpy()
+    out, targets = mixup.mix_normalize(images, labels, key, 10, mixup_alpha, cutmix_alpha, mean,
+                                       std)
+    np.testing.assert_array_equal(out.numpy(), ref)
+    np.testing.assert_array_equal(targets.numpy(), ref_targets.numpy())
+    r, x = ref_images.numpy(), images.numpy()
+    modes.add('none' if np.array_equal(r, x) else
+              'cut' if np.all((r == x) | (r == x[::-1])) else 'mix')
+  if mixup_alpha > 0:
+    assert 'mix' in modes
+
+
+def test_fused_mix_normalize_exhaustive_pixel_pairs():
+  """All 65,536 (own, partner) uint8 pairs in each channel, several lambdas."""
+  pairs = np.arange(256 * 256)
+  a = (pairs // 256).astype(np.uint8).reshape(256, 256)
+  p = (pairs % 256).astype(np.uint8).reshape(256, 256)
+  images = tf.constant(np.stack([np.stack([a] * 3, -1), np.stack([p] * 3, -1)]))
+  labels = tf.constant([0, 1])
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  for seed in range(6):
+    key = tf.constant([11, seed], tf.int64)
+    ref_images, _ = mixup.mix_batch(images, labels, key, 10, 0.8, 0.0)
+    out, _ = mixup.mix_normalize(images, labels, key, 10, 0.8, 0.0, mean, std)
+    np.testing.assert_array_equal(out.numpy(), augment.normalize(ref_images, mean, std).numpy())
+
+
+def _reference_erasing(images, key, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3,
+                       attempts=10):
+  """The straightforward whole-batch form of `augment.random_erasing` (same draws)."""
+  b = tf.shape(images)[0]
+  height, width = images.shape[1], images.shape[2]
+  k_apply, k_area, k_ratio, k_top, k_left, k_noise = augment.split(key, 6)
+  apply = augment.uniform(k_apply, [b]) <= prob
+  target = augment.uniform(k_area, [b, attempts], min_area, max_area) * float(height * width)
+  aspect = tf.exp(augment.uniform(k_ratio, [b, attempts], math.log(min_aspect),
+                                  math.log(1 / min_aspect)))
+  h = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)
+  w = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
+  ok = tf.logical_and(w < width, h < height)
+  first = tf.argmax(tf.cast(ok, tf.int32), axis=1, output_type=tf.int32)
+  h = tf.gather(h, first, batch_dims=1)
+  w = tf.gather(w, first, batch_dims=1)
+  apply = tf.logical_and(apply, tf.reduce_any(ok, axis=1))
+  top = augment.randint(k_top, 0, height - h, [b])
+  left = augment.randint(k_left, 0, width - w, [b])
+  rows = tf.range(height)[None, :, None]
+  cols = tf.range(width)[None, None, :]
+  inside = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
+            & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None])
+            & apply[:, None, None])
+  erased = tf.cast(tf.where(apply), tf.int32)
+  noise = tf.random.stateless_normal(
+      tf.concat([tf.shape(erased)[:1], tf.shape(images)[1:]], 0), k_noise, dtype=images.dtype)
+  noise = tf.scatter_nd(erased, noise, tf.shape(images))
+  return tf.where(inside[..., None], noise, images)
+
+
+def test_random_erasing_equals_whole_batch_reference():
+  x = tf.constant(np.random.default_rng(0).normal(size=(16, 20, 24, 3)).astype(np.float32))
+  for seed in range(8):
+    key = tf.constant([2, seed], tf.int64)
+    for prob in (0.25, 1.0, 0.0):
+      np.testing.assert_array_equal(augment.random_erasing(x, key, prob).numpy(),
+                                    _reference_erasing(x, key, prob).numpy())

@@ -130,6 +130,29 @@ def test_two_hosts_read_disjoint_shards_covering_the_split(digits_dir):
   assert not np.array_equal(hosts[0][0]['label'], hosts[1][0]['label'])
 
 
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_hosts_batches_concatenate_to_the_single_host_global_batch(digits_dir, process_count):
+  """CNN recipe (no batch-level randomness): at every global step, host 0..P-1's batches side by
+  side are exactly the one-host batch of the same global size, images and labels, also across
+  an epoch boundary and after resuming at start_step. 96 examples, global batch 16: 6 steps."""
+  config = make_config(data_dir=digits_dir, train_fraction=0.064, recipe='cnn')
+  global_batch = 16
+  single = take(data.train_dataset(config, global_batch, with_ids=True), 8)
+  per_host = global_batch // process_count
+  for start, n in ((0, 8), (5, 3)):
+    hosts = [take(data.train_dataset(config, per_host, start_step=start, process_index=p,
+                                     process_count=process_count, with_ids=True), n)
+             for p in range(process_count)]
+    for i in range(n):
+      for key in ('image', 'label', '_index', '_epoch', '_step'):
+        joined = (np.concatenate([h[i][key] for h in hosts]) if key != '_step'
+                  else np.array([h[i][key] for h in hosts]))
+        expect = single[start + i][key] if key != '_step' else np.full(process_count,
+                                                                        start + i)
+        np.testing.assert_array_equal(joined, expect, err_msg=f'step {start + i} {key}')
+  assert single[5]['_epoch'][0] == 0 and single[6]['_epoch'][0] == 1
+
+
 def _eval_ids(config, batch, process_count):
   per_host = [list(data.eval_dataset(config, batch, p, process_count, with_ids=True)
                    .as_numpy_iterator()) for p in range(process_count)]

@@ -31,6 +31,21 @@ def test_schedule_equals_timm_cosine_per_epoch(recipe):
       np.testing.assert_allclose(float(fn(step)), want, rtol=1e-6, err_msg=f'epoch {epoch}')
 
 
+def test_step_schedule_equals_timm_step_scheduler():
+  """imagenet/cnn.yaml: SGD 0.1, x0.1 every 30 epochs, 3 warm-up epochs from 1e-4."""
+  from timm.scheduler import StepLRScheduler
+  cfg = optim.default_config()
+  cfg.update(dict(lr=0.1, schedule='step', decay_epochs=30, decay_rate=0.1, warmup_epochs=3,
+                  warmup_lr=1e-4))
+  opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+  # timm 0.6.5 (the original's) has no warm-up prefix; timm 1.0's class defaults to one.
+  sched = StepLRScheduler(opt, decay_t=30, decay_rate=0.1, warmup_t=3, warmup_lr_init=1e-4,
+                          warmup_prefix=False, t_in_epochs=True)
+  fn = optim.schedule(cfg, 100, 5000)
+  for epoch in [0, 1, 2, 3, 29, 30, 59, 60, 99]:
+    np.testing.assert_allclose(float(fn(epoch * 5000 + 7)), sched._get_lr(epoch)[0], rtol=1e-6)  # pylint: disable=protected-access
+
+
 def test_cnn_recipe_values_from_the_spec():
   cfg = optim.default_config()
   fn = optim.schedule(cfg, 300, 390)

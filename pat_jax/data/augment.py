@@ -109,9 +109,35 @@ def _pil_coefficients(in_size, out_size, method):
   return tf.where(fixed < 0, tf.math.ceil(fixed - 0.5), tf.floor(fixed + 0.5))
 
 
-def _pil_pass(image, coeffs, equation):
-  acc = tf.einsum(equation, image, coeffs) + float(1 << (_PRECISION_BITS - 1))
-  return tf.clip_by_value(tf.floor(acc / float(1 << _PRECISION_BITS)), 0.0, 255.0)
+def _round_pass(acc):
+  """Pillow's `clip((acc + 2**21) >> 22)` on accumulators already scaled by 2**-22, as float64:
+  floor(acc + 0.5) clipped to [0, 255] (acc is an exact multiple of 2**-22 here)."""
+  return tf.floor(tf.clip_by_value(acc + 0.5, 0.0, 255.0))
+
+
+def _round_pass_uint8(acc):
+  """`_round_pass` straight to uint8: saturate_cast clips to [0, 255] and truncates, which is
+  floor there (and clip(floor(v)) == clip(trunc(v)) also for v < 0)."""
+  return tf.saturate_cast(acc + 0.5, tf.uint8)
+
+
+def _scaled_coefficients(in_size, out_size, method):
+  """`_pil_coefficients` times 2**-22 (exact: a power of two), so that a product with uint8
+  pixels is Pillow's integer accumulator over 2**22, exactly, in any summation order (every
+  partial sum is a multiple of 2**-22 below 2**31 in magnitude: far inside float64's 53 bits)."""
+  return _pil_coefficients(in_size, out_size, method) * (1.0 / (1 << _PRECISION_BITS))
+
+
+def _separable(image, col_coeffs, row_coeffs):
+  """Pillow's two passes on a uint8 (h, w, C) image with scaled (out_w, w) and (out_h, h)
+  coefficient matrices: horizontal into uint8 values, then vertical, both rounded as Pillow.
+  Both are float64 matmuls of exact integers (times 2**-22), so the result is bit-exact."""
+  h, w, c = tf.shape(image)[0], tf.shape(image)[1], image.shape[-1]
+  out_w, out_h = tf.shape(col_coeffs)[0], tf.shape(row_coeffs)[0]
+  x = tf.cast(image, tf.float64)
+  wide = _round_pass(tf.matmul(tf.broadcast_to(col_coeffs[None], [h, out_w, w]), x))
+  out = tf.matmul(row_coeffs, tf.reshape(wide, [h, out_w * c]))
+  return tf.reshape(_round_pass_uint8(out), [out_h, out_w, c])
 
 
 def resize(image, size_hw, method):
@@ -123,10 +149,86 @@ def resize(image, size_hw, method):
   exact for these integer sums. (tf.image.resize differs by 1-2 levels and is slower here.)
   """
   shape = tf.shape(image)
-  img = tf.cast(image, tf.float64)
-  wide = _pil_pass(img, _pil_coefficients(shape[1], size_hw[1], method), 'hwc,ow->hoc')
-  out = _pil_pass(wide, _pil_coefficients(shape[0], size_hw[0], method), 'hwc,oh->owc')
-  return tf.cast(out, tf.uint8)
+  out = _separable(image, _scaled_coefficients(shape[1], size_hw[1], method),
+                   _scaled_coefficients(shape[0], size_hw[0], method))
+  return tf.ensure_shape(out, [None, None, image.shape[-1]])
+
+
+METHODS = ('bilinear', 'bicubic')
+
+
+class CropResizer:
+  """Crop + Pillow resize (+ horizontal flip) of fixed-size (H, W, C) sources to (S, S), exact.
+
+  Pillow's coefficients depend only on (crop size, output size, method), so for a source of
+  known size they are computed once here for every crop height 1..H and width 1..W (scaled by
+  2**-22, see `_scaled_coefficients`) and looked up per image, instead of being rebuilt from
+  ~30 small ops per image. A flip of the output reverses the output columns, which is the
+  column-coefficient matrix with its rows reversed: the flip costs nothing and is exact.
+  """
+
+  MAX_TABLE_BYTES = 64 << 20
+
+  def __init__(self, height, width, size):
+    self.size = int(size)
+    self.rows = self._tables(int(height))
+    self.cols = self.rows if width == height else self._tables(int(width))
+
+  def _tables(self, n_max):
+    with tf.device('/CPU:0'):
+      per_method = []
+      for method in METHODS:
+        sizes = [tf.zeros([self.size, n_max], tf.float64)]  # index 0 unused
+        for n in range(1, n_max + 1):
+          sizes.append(tf.pad(_scaled_coefficients(n, self.size, method), [[0, 0], [0, n_max - n]]))
+        per_method.append(tf.stack(sizes))
+      return tf.stack(per_method)  # (method, n, S, n_max)
+
+  @classmethod
+  def fits(cls, height, width, size):
+    """Whether tables for this source shape are small enough to precompute."""
+    if height is None or width is None:
+      return False
+    return 8 * 2 * size * ((height + 1) * height + (width + 1) * width) <= cls.MAX_TABLE_BYTES
+
+  def __call__(self, image, top, left, h, w, method_index, flip):
+    """image: uint8 (H, W, C); crop [top, top + h) x [left, left + w); method_index 0 =
+    bilinear, 1 = bicubic; flip: scalar bool. Returns uint8 (S, S, C)."""
+    cols = self.cols[method_index, w, :, :w]
+    cols = tf.where(flip, tf.reverse(cols, [0]), cols)
+    rows = self.rows[method_index, h, :, :h]
+    out = _separable(image[top:top + h, left:left + w], cols, rows)
+    return tf.ensure_shape(out, (self.size, self.size, image.shape[-1]))
+
+
+def crop_resize_flip(image, key, flip_key, size, scale, ratio, interpolation, hflip,
+                     random_crop=True, resizer=None):
+  """`random_resized_crop` (or a plain resize) then `random_flip`, with the same draws.
+
+  With a `CropResizer` for the source's shape, the crop, resize and flip are one exact table
+  lookup and two matmuls; otherwise the per-image path below.
+  interpolation: 'bilinear', 'bicubic' or 'random' (per image); hflip: flip probability.
+  """
+  k_box, k_interp = split(key, 2)
+  shape = tf.shape(image)
+  if random_crop:
+    top, left, h, w = sample_crop_box(k_box, shape[0], shape[1], scale, ratio)
+  else:
+    top, left, h, w = 0, 0, shape[0], shape[1]
+    if interpolation == 'random':
+      interpolation = 'bilinear'
+  if interpolation == 'random':
+    method_index = tf.cast(uniform(k_interp) >= 0.5, tf.int32)
+  else:
+    method_index = tf.constant(METHODS.index(interpolation), tf.int32)
+  flip = uniform(flip_key) < hflip if hflip > 0 else tf.constant(False)
+  if resizer is not None:
+    return resizer(image, top, left, h, w, method_index, flip)
+  crop = image[top:top + h, left:left + w]
+  out = tf.cond(method_index == 0, lambda: resize(crop, (size, size), 'bilinear'),
+                lambda: resize(crop, (size, size), 'bicubic'))
+  out = tf.cond(flip, lambda: out[:, ::-1], lambda: out)
+  return tf.ensure_shape(out, (size, size, 3))
 
 
 def random_resized_crop(image, key, size, scale, ratio, interpolation):
@@ -200,14 +302,15 @@ def random_erasing(images, key, prob, min_area=0.02, max_area=1 / 3, min_aspect=
   apply = tf.logical_and(apply, tf.reduce_any(ok, axis=1))
   top = randint(k_top, 0, height - h, [b])
   left = randint(k_left, 0, width - w, [b])
-  rows = tf.range(height)[None, :, None]
-  cols = tf.range(width)[None, None, :]
-  inside = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
-            & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None])
-            & apply[:, None, None])
-  # Noise only for the erased examples (about reprob of them): the normal draws dominate.
+  # Only the erased examples (about `prob` of them) are touched: their noise (the N(0, 1) draws
+  # dominate the cost), their boxes, and a scatter of the results back into the batch.
   erased = tf.cast(tf.where(apply), tf.int32)
   noise = tf.random.stateless_normal(
       tf.concat([tf.shape(erased)[:1], tf.shape(images)[1:]], 0), k_noise, dtype=images.dtype)
-  noise = tf.scatter_nd(erased, noise, tf.shape(images))
-  return tf.where(inside[..., None], noise, images)
+  e = erased[:, 0]
+  e_top, e_h, e_left, e_w = [tf.gather(v, e)[:, None, None] for v in (top, h, left, w)]
+  rows = tf.range(height)[None, :, None]
+  cols = tf.range(width)[None, None, :]
+  inside = (rows >= e_top) & (rows < e_top + e_h) & (cols >= e_left) & (cols < e_left + e_w)
+  return tf.tensor_scatter_nd_update(
+      images, erased, tf.where(inside[..., None], noise, tf.gather(images, e)))

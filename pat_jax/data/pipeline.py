@@ -2,13 +2,22 @@
 
 Training (big_vision `make_for_train` in spirit, but index-based so it can resume anywhere):
   epoch e's order  = stateless_shuffle(train indices, key(seed, e))      (same on every host)
-  host p's share   = positions [p * n_host, (p + 1) * n_host) of it, n_host = steps * batch
+  global batch g   = order[g * P * b : (g + 1) * P * b] within the epoch (P hosts, b per host)
+  host p's batch   = the p-th slice of b of it: order viewed as (steps, P, b), host p takes [:, p]
   example key      = key(seed, e, example index)  -> crop, flip, RandAugment
   batch key        = key(seed, global step, p)    -> mixup/cutmix lambda and box, erasing
 so global step g always yields the same batch, whatever the threads did, and `start_step=g`
-starts there (epoch g // steps_per_epoch, skipping the epoch's first (g % steps) * batch indices,
-which costs nothing because only indices are skipped). Hosts see disjoint examples within an
-epoch (like torch's DistributedSampler), and drop_last drops the permutation's tail.
+starts there (epoch g // steps_per_epoch, skipping the epoch's first (g % steps) batches, which
+costs nothing because only indices are skipped). Hosts see disjoint examples within an epoch,
+and drop_last drops the permutation's tail (beyond steps * P * b).
+
+Multi-host = single-host: the examples of global batch g and their per-example augmentation
+(keyed by example index, not by host) do not depend on P, so the P hosts' batches at step g,
+placed side by side in host order, are exactly the one-host batch of global size P * b. This
+holds bit for bit for the CNN recipe. Batch-level randomness (mixup/cutmix, random erasing) is
+drawn per host batch from key(seed, g, p), as timm's per-rank Mixup and RandomErasing do, so
+with the ViT/MLP recipe a P-host run mixes within each host's b examples with P lambdas and
+differs from a one-host run (same examples, same per-example augmentation, other mixing).
 
 Evaluation (big_vision `make_for_inference`): host p reads its even, contiguous share of the
 split, then zero examples with mask False, and every host yields ceil(ceil(n / P) / batch)
@@ -90,22 +99,22 @@ def _example_fn(config, lookup):
   """(epoch, index) -> augmented uint8 image at the output size, and the int label."""
   aug, size = config.aug, config.dataset.image_size
   root = _root_key(config.seed, _EXAMPLE)
-  fill = _fill_colour(config.dataset.mean)
+  shape = getattr(lookup, 'static_shape', None)
+  resizer = None
+  if shape is not None and augment.CropResizer.fits(shape[0], shape[1], size):
+    resizer = augment.CropResizer(shape[0], shape[1], size)
 
   @tf.autograph.experimental.do_not_convert  # plain Python control flow on static config
   def fn(epoch, index):
     k_crop, k_flip, k_ra = augment.split(augment.fold_in(root, epoch, index), 3)
     image, label = lookup(index)
-    if aug.random_resized_crop:
-      image = augment.random_resized_crop(image, k_crop, size, tuple(aug.scale),
-                                          tuple(aug.ratio), aug.interpolation)
-    else:
-      method = 'bilinear' if aug.interpolation == 'random' else aug.interpolation
-      image = augment.resize(image, (size, size), method)
-    if aug.hflip > 0:
-      image = augment.random_flip(image, k_flip, aug.hflip)
-    if aug.randaugment:
-      image = randaugment.rand_augment(image, k_ra, aug.randaugment, fill, aug.interpolation)
+    # Crop (or plain resize), Pillow resampling and flip in one exact step.
+    image = augment.crop_resize_flip(image, k_crop, k_flip, size, tuple(aug.scale),
+                                     tuple(aug.ratio), aug.interpolation, aug.hflip,
+                                     random_crop=aug.random_resized_crop, resizer=resizer)
+    if aug.randaugment:  # drawn here, applied per batch (randaugment.apply_batch)
+      return image, label, epoch, index, randaugment.draw(k_ra, aug.randaugment,
+                                                          aug.interpolation)
     return image, label, epoch, index
   return fn
 
@@ -113,17 +122,20 @@ def _example_fn(config, lookup):
 def _batch_fn(config, num_classes, process_index):
   aug, ds = config.aug, config.dataset
   root = _root_key(config.seed, _BATCH)
+  fill = _fill_colour(ds.mean)
   if (aug.mixup > 0 or aug.cutmix > 0) and aug.get('mixup_mode', 'batch') != 'batch':
     raise NotImplementedError("Only mixup_mode='batch' (the original's setting) is implemented.")
 
   @tf.autograph.experimental.do_not_convert
-  def fn(step, images, labels, epochs, indices):
+  def fn(step, images, labels, epochs, indices, ra_params=None):
+    if ra_params is not None:  # each image's own draws: the same as per image, see _example_fn
+      images = randaugment.apply_batch(images, ra_params, fill)
     k_mix, k_erase = augment.split(augment.fold_in(root, step, process_index), 2)
-    images, targets = mixup.mix_batch(
-        images, labels, k_mix, num_classes, aug.mixup, aug.cutmix,
+    # = augment.normalize(*mixup.mix_batch(...)), bit for bit, as one fused pass.
+    x, targets = mixup.mix_normalize(
+        images, labels, k_mix, num_classes, aug.mixup, aug.cutmix, ds.mean, ds.std,
         prob=aug.get('mixup_prob', 1.0), switch_prob=aug.mixup_switch_prob,
         smoothing=aug.label_smoothing)
-    x = augment.normalize(images, ds.mean, ds.std)
     if aug.reprob > 0:
       if aug.remode != 'pixel':
         raise NotImplementedError("Only remode='pixel' (the original's setting) is implemented.")
@@ -148,12 +160,14 @@ def train_dataset(config, batch_size, start_step=0, process_index=0, process_cou
   start_epoch, skip_steps = divmod(int(start_step), steps)
   shuffle_root = _root_key(config.seed, _SHUFFLE)
   subset_t = tf.constant(subset)
-  lo = process_index * per_host
 
   def epoch_indices(epoch):
     key = augment.fold_in(shuffle_root, epoch)
     perm = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), key)
-    mine = tf.gather(subset_t, perm[lo:lo + per_host])
+    # Global batch g of the epoch is perm[g*P*b : (g+1)*P*b]; host p takes its p-th slice.
+    grid = tf.reshape(perm[:steps * process_count * batch_size],
+                      [steps, process_count, batch_size])
+    mine = tf.gather(subset_t, tf.reshape(grid[:, process_index], [-1]))
     return tf.data.Dataset.from_tensor_slices((tf.fill([per_host], epoch), mine))
 
   ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_indices)

@@ -201,13 +201,17 @@ def decode(encoded):
 
 
 def make_lookup(dataset_cfg, split: str):
-  """(num_examples, num_classes, fn(index) -> (uint8 image (H, W, 3), int32 label)) for tf.data."""
+  """(num_examples, num_classes, fn(index) -> (uint8 image (H, W, 3), int32 label)) for tf.data.
+
+  fn.static_shape is (H, W) when every image of the split has that size, else None.
+  """
   if dataset_cfg.get('reader', 'memory') == 'random_access':
     src = RandomAccessSplit(dataset_cfg, split)
 
     def fetch(index):
       img, label = tf.numpy_function(src.fetch, [index], (tf.string, tf.int64), stateful=False)
       return decode(tf.reshape(img, [])), tf.cast(tf.reshape(label, []), tf.int32)
+    fetch.static_shape = None
     return len(src), src.num_classes, fetch
 
   data = load_split(dataset_cfg, split)
@@ -221,4 +225,7 @@ def make_lookup(dataset_cfg, split: str):
     img = tf.gather(images, index)
     img = decode(img) if data.encoded else img
     return img, tf.gather(labels, index)
+  # Decoded arrays have one (H, W) for the whole split: the training crop+resize precomputes
+  # its coefficient tables for it (augment.CropResizer).
+  lookup.static_shape = None if data.encoded else tuple(int(d) for d in data.images.shape[1:3])
   return len(data), data.num_classes, lookup

@@ -61,7 +61,11 @@ class Method:
     return self.config.method.get('ce_weight', 1.0) * losses.soft_target_cross_entropy(logits, labels)
 
   # -- the step ---------------------------------------------------------------
-  def __call__(self, params, batch_stats, state, teacher_variables, batch, rng) -> StepOutput:
+  def __call__(self, params, batch_stats, state, teacher_variables, batch, rng,
+               first: bool = False) -> StepOutput:
+    """One step's forward passes and loss terms. `first` (static) is True only for the very
+    first step of a run, which has no carried state yet (PAT's feedback)."""
+    del first
     logits, student_stats = self.student_apply(params, batch_stats, batch['image'], rng)
     terms = {'ce': self.cross_entropy(logits, batch['label'])}
     return StepOutput(terms, logits, {**batch_stats, 'student': student_stats}, state)

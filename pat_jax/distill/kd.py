@@ -11,7 +11,8 @@ from pat_jax.distill import base, losses
 class KD(base.Method):
   uses_teacher = True
 
-  def __call__(self, params, batch_stats, state, teacher_variables, batch, rng):
+  def __call__(self, params, batch_stats, state, teacher_variables, batch, rng, first=False):
+    del first
     cfg = self.config.method
     logits, student_stats = self.student_apply(params, batch_stats, batch['image'], rng)
     teacher_logits = jax.lax.stop_gradient(self.teacher_apply(teacher_variables, batch['image']))

@@ -56,7 +56,7 @@ class PATNet(nn.Module):
     return pm.square_shape(self.teacher_out_shapes[s])
 
   @nn.compact
-  def __call__(self, images, feats_s, feedback, has_feedback, train: bool = True):
+  def __call__(self, images, feats_s, feedback=None, train: bool = True):
     prompts = {s: pm.PromptBlock(self.feedback_shape(s), tuple(self.teacher_in_shapes[s]),
                                  self.seq_layout, self.se_mode, self.cls_token, dtype=self.dtype,
                                  name=f'prompt_blocks_{s}') for s in self.afp_stages}
@@ -64,11 +64,8 @@ class PATNet(nn.Module):
     def hook(i, x):
       if i not in prompts:
         return x
-      if not self.afp_feedback or feedback is None:
-        return prompts[i](x, None, train)
-      # Only the very first step has no feedback: branch at run time, one compiled step.
-      return nn.cond(has_feedback, lambda m, x, fb: m(x, fb, train),
-                     lambda m, x, fb: m(x, None, train), prompts[i], x, feedback[i])
+      fb = feedback[i] if (self.afp_feedback and feedback is not None) else None
+      return prompts[i](x, fb, train)
 
     logits_t, feats_t = self.teacher(images, train=False, return_features=True, stage_hook=hook)
 
@@ -142,12 +139,12 @@ class PAT(base.Method):
   def init(self, rng, images, student_variables, teacher_variables):
     self.net = self._net(*self._shapes(images, student_variables, teacher_variables))
     _, feats_s = self.student.apply(student_variables, images, train=False, return_features=True)
-    variables = self.net.init(rng, images, feats_s, None, False)
+    variables = self.net.init(rng, images, feats_s, None, False)  # creates every parameter
     params = {k: v for k, v in variables['params'].items() if k != 'teacher'}
     stats = {k: v for k, v in variables.get('batch_stats', {}).items() if k != 'teacher'}
     b = self.config.batch_size
     fb = {s: jnp.zeros((b,) + self.net.feedback_shape(s), jnp.float32) for s in self.net.afp_stages}
-    state = {'has_feedback': jnp.zeros((), jnp.bool_), 'student': fb, 'teacher': dict(fb)}
+    state = {'student': fb, 'teacher': dict(fb)}
     return params, stats, state
 
   def state_shardings(self, abstract_state, mesh):
@@ -156,7 +153,10 @@ class PAT(base.Method):
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
     return jax.tree_util.tree_map(lambda a: batch if a.ndim else rep, abstract_state)
 
-  def __call__(self, params, batch_stats, state, teacher_variables, batch, rng):
+  def __call__(self, params, batch_stats, state, teacher_variables, batch, rng, first=False):
+    """`first`: the run's first step, which has no feedback yet (the original's prev_feat_*
+    are None). A separate compiled step, used once: branching at run time (lax.cond)
+    made the CPU step 20x slower."""
     if not hasattr(self, 'net'):
       raise RuntimeError('PAT.init must run (or be traced) before the first step: it measures the '
                          'stage shapes that size the PAT modules.')
@@ -171,10 +171,11 @@ class PAT(base.Method):
                  'batch_stats': {**batch_stats['method'],
                                  **({'teacher': teacher_variables['batch_stats']}
                                     if 'batch_stats' in teacher_variables else {})}}
-    feedback = {s: jax.lax.stop_gradient(state['student'][s] - state['teacher'][s])
-                for s in self.net.afp_stages}
-    (logits_t, out), upd = self.net.apply(variables, images, feats_s, feedback,
-                                          state['has_feedback'], True, mutable=['batch_stats'])
+    feedback = None if first else {
+        s: jax.lax.stop_gradient(state['student'][s] - state['teacher'][s])
+        for s in self.net.afp_stages}
+    (logits_t, out), upd = self.net.apply(variables, images, feats_s, feedback, True,
+                                          mutable=['batch_stats'])
     method_stats = {k: v for k, v in upd['batch_stats'].items() if k != 'teacher'}
 
     terms = {
@@ -185,7 +186,6 @@ class PAT(base.Method):
     if self.net.afp_stages:
       terms['pat_reg'] = cfg.pat_reg_weight * losses.kd_loss(logits_t, logits_t0, 1.0)
     new_state = {
-        'has_feedback': jnp.ones((), jnp.bool_),
         'student': {s: jax.lax.stop_gradient(out['aligned'][s]).astype(jnp.float32)
                     for s in self.net.afp_stages},
         'teacher': {s: jax.lax.stop_gradient(out['targets'][s]).astype(jnp.float32)

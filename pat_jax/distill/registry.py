@@ -1,9 +1,10 @@
 """method.name -> distillation method class."""
-from pat_jax.distill import base, kd, pat
+from pat_jax.distill import base, fitnet, kd, pat
 
 METHODS = {
     'none': base.Method,
     'kd': kd.KD,
+    'fitnet': fitnet.FitNet,
     'pat': pat.PAT,
 }
 

@@ -1,0 +1,233 @@
+"""The training engine end to end on the real (offline) digits dataset.
+
+Device-count independence, exact resume after SIGKILL and SIGTERM (bit for bit on CPU),
+--mode=eval against the logged accuracy, two processes against one, teacher and config errors.
+"""
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from pat_jax import checkpoint, evaluate, models, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture(scope='module')
+def teacher_dir(tmp_path_factory):
+  """A random mini_convnext teacher saved as a pat_jax checkpoint (PAT needs one)."""
+  path = str(tmp_path_factory.mktemp('teacher') / 'ckpt')
+  model = models.create('mini_convnext', num_classes=10)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(7), np.zeros((1, 32, 32, 3), np.float32))
+  checkpoint.save_variables(path, jax.device_get(variables), {'model': 'mini_convnext', 'num_classes': 10})
+  return path
+
+
+def _demo_config(arg):
+  spec = importlib.util.spec_from_file_location('digits_demo', os.path.join(REPO, 'configs', 'digits_demo.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny_config(data_dir, method='none', teacher=None, **overrides):
+  """configs/digits_demo.py made tiny: a few steps of a small student on the real digits."""
+  c = _demo_config(method)
+  c.dataset.data_dir = data_dir
+  c.model.name = 'mini_resnet' if method != 'pat' else 'mini_deit'
+  c.teacher.name, c.teacher.checkpoint = ('mini_convnext', teacher) if teacher else ('', '')
+  c.batch_size = 16
+  c.total_steps = 6
+  c.log_every_steps = 1
+  c.eval_every_steps = 3
+  c.checkpoint_every_steps = 2
+  c.method.raa_dim = 32
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+def _final(workdir, item='variables'):
+  return checkpoint.load_variables(os.path.join(workdir, 'checkpoints'), item=item)
+
+
+def _assert_trees_equal(a, b):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+
+
+def test_one_and_eight_devices_give_the_same_training(data_dir, tmp_path):
+  runs = {}
+  for n in (1, 8):
+    wd = str(tmp_path / f'dev{n}')
+    train.train_and_evaluate(tiny_config(data_dir, num_devices=n, total_steps=4), wd)
+    runs[n] = wd
+  l1 = [m['train_loss'] for m in _metrics(runs[1]) if 'train_loss' in m]
+  l8 = [m['train_loss'] for m in _metrics(runs[8]) if 'train_loss' in m]
+  assert len(l1) == 4
+  np.testing.assert_allclose(l1, l8, rtol=0, atol=1e-5)
+  p1, p8 = _final(runs[1]), _final(runs[8])
+  # float32 sums over 1 or 8 shards differ in order: equal to ~1e-6 relative.
+  for x, y in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p8)):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_workdir_contents_and_eval_mode_reproduces_logged_accuracy(data_dir, tmp_path):
+  wd = str(tmp_path / 'run')
+  result = train.train_and_evaluate(tiny_config(data_dir), wd)
+  assert {'checkpoints', 'metrics.jsonl', 'config.json', 'result.json', 'tensorboard'} <= set(os.listdir(wd))
+  rows = _metrics(wd)
+  assert all('step' in r for r in rows)
+  assert any('loss_ce' in r and 'lr' in r and 'img_per_s' in r for r in rows)
+  last_eval = [r for r in rows if 'eval_top1' in r][-1]
+  assert {'eval_top5', 'ema_eval_top1', 'ema_eval_top5'} <= set(last_eval)
+  assert result['best_top1'] == max(max(r['eval_top1'], r['ema_eval_top1']) for r in rows if 'eval_top1' in r)
+  cfg = tiny_config(data_dir)
+  got = evaluate.evaluate_checkpoint(cfg, wd)
+  assert got['step'] == 6 and got['num_examples'] == 297
+  assert got['top1'] == pytest.approx(last_eval['eval_top1'], abs=1e-9)
+  ema = evaluate.evaluate_checkpoint(cfg, wd, ema=True)
+  assert ema['top1'] == pytest.approx(last_eval['ema_eval_top1'], abs=1e-9)
+  # The CLI prints exactly one JSON line with the four keys.
+  out = subprocess.run([sys.executable, '-m', 'pat_jax.main', f'--config={REPO}/configs/digits_demo.py:none',
+                        f'--checkpoint={wd}', '--mode=eval', f'--config.dataset.data_dir={data_dir}'],
+                       capture_output=True, text=True, check=True, cwd=REPO, timeout=300).stdout
+  line = json.loads(out.strip().splitlines()[-1])
+  assert set(line) == {'top1', 'top5', 'num_examples', 'step'}
+  assert line['top1'] == pytest.approx(last_eval['eval_top1'], abs=1e-3)
+
+
+def _launch(args, env_extra=None):
+  # Subprocess runs use 2 fake CPU devices unless told otherwise: 8 fake devices on 2 cores
+  # make the PAT step's cross-device traffic dominate the run time.
+  env = dict(os.environ, PYTHONUNBUFFERED='1',
+             **{'XLA_FLAGS': '--xla_force_host_platform_device_count=2', **(env_extra or {})})
+  return subprocess.Popen([sys.executable, '-m', 'pat_jax.main', *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _flags(cfg_path_arg, wd, data_dir, teacher_dir, extra=()):
+  return [f'--config={REPO}/{cfg_path_arg}', f'--workdir={wd}',
+          f'--config.dataset.data_dir={data_dir}', f'--config.teacher.checkpoint={teacher_dir}',
+          '--config.teacher.min_top1=0', '--config.total_steps=8', '--config.checkpoint_every_steps=2',
+          '--config.eval_every_steps=8', '--config.log_every_steps=1', '--config.batch_size=16',
+          '--config.method.raa_dim=32', *extra]
+
+
+def _wait_for_step(wd, step, proc, timeout=600):
+  t0 = time.time()
+  while not os.path.isdir(os.path.join(wd, 'checkpoints', str(step))):
+    if proc.poll() is not None:
+      raise AssertionError(f'run ended early:\n{proc.stdout.read()[-3000:]}')
+    if time.time() - t0 > timeout:
+      proc.kill()
+      raise AssertionError('timed out waiting for a checkpoint')
+    time.sleep(0.2)
+
+
+@pytest.fixture(scope='module')
+def pat_reference(data_dir, teacher_dir, tmp_path_factory):
+  """An uninterrupted 8-step PAT run on the digits (the reference for the resume tests)."""
+  wd = str(tmp_path_factory.mktemp('pat_ref') / 'run')
+  proc = _launch(_flags('configs/digits_demo.py', wd, data_dir, teacher_dir))
+  assert proc.wait(timeout=900) == 0, proc.stdout.read()[-3000:]
+  return wd
+
+
+@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM])
+def test_killed_pat_run_resumes_to_the_same_parameters(data_dir, teacher_dir, pat_reference,
+                                                        tmp_path, sig):
+  """PAT (feedback state, method BatchNorm, EMA, optimizer) resumed mid-run ends bit-equal."""
+  cfg = 'configs/digits_demo.py'
+  wd = str(tmp_path / 'killed')
+  proc = _launch(_flags(cfg, wd, data_dir, teacher_dir))
+  _wait_for_step(wd, 4, proc)
+  proc.send_signal(sig)
+  code = proc.wait(timeout=300)
+  if sig == signal.SIGTERM:  # graceful: a checkpoint at the stop step, clean exit
+    assert code == 0
+    assert 'Preempted at step' in proc.stdout.read()
+  assert not os.path.isdir(os.path.join(wd, 'checkpoints', '8'))
+  proc = _launch(_flags(cfg, wd, data_dir, teacher_dir))
+  out = proc.stdout.read()
+  assert proc.wait(timeout=900) == 0, out[-3000:]
+  assert 'Resumed from' in out
+  for item in ('variables', 'ema'):
+    _assert_trees_equal(_final(pat_reference, item), _final(wd, item))
+
+
+def test_missing_teacher_says_how_to_get_one(data_dir, tmp_path):
+  cfg = tiny_config(data_dir, 'kd', teacher=str(tmp_path / 'nowhere'))
+  with pytest.raises(FileNotFoundError, match='python -m pat_jax.convert --model mini_convnext'):
+    train.train_and_evaluate(cfg, str(tmp_path / 'wd'))
+
+
+def test_teacher_of_the_wrong_shape_is_named(data_dir, tmp_path):
+  model = models.create('mini_convnext', num_classes=7)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
+  path = str(tmp_path / 't7')
+  checkpoint.save_variables(path, jax.device_get(variables), {})
+  with pytest.raises(ValueError, match=r'head/fc/kernel.*expected \(48, 10\).*found \(48, 7\)'):
+    train.train_and_evaluate(tiny_config(data_dir, 'kd', teacher=path), str(tmp_path / 'wd'))
+
+
+def test_teacher_at_chance_level_stops_the_run(data_dir, teacher_dir, tmp_path):
+  cfg = tiny_config(data_dir, 'kd', teacher=teacher_dir, **{'teacher.min_top1': 50.0})
+  with pytest.raises(ValueError, match='reaches only'):
+    train.train_and_evaluate(cfg, str(tmp_path / 'wd'))
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+  proc = subprocess.run([sys.executable, '-m', 'pat_jax.main', f'--config={REPO}/configs/digits_demo.py',
+                         f'--workdir={tmp_path}', '--config.optim.lrr=0.1'],
+                        capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert proc.returncode != 0
+  assert 'lrr' in proc.stderr
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(data_dir, tmp_path):
+  """jax.distributed on localhost: 2 processes x 1 CPU device == 1 process x 2 devices."""
+  common = [f'--config={REPO}/configs/digits_demo.py:none', f'--config.dataset.data_dir={data_dir}',
+            '--config.total_steps=4', '--config.log_every_steps=1', '--config.eval_every_steps=4',
+            '--config.batch_size=16', '--config.teacher.name=', '--config.aug.mixup=0',
+            '--config.aug.cutmix=0', '--config.aug.reprob=0', '--config.aug.randaugment=']
+  one = str(tmp_path / 'one')
+  proc = _launch(common + [f'--workdir={one}'])
+  assert proc.wait(timeout=900) == 0, proc.stdout.read()[-3000:]
+
+  two, port = str(tmp_path / 'two'), _free_port()
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  procs = [_launch(common + [f'--workdir={two}', f'--coordinator_address=127.0.0.1:{port}',
+                             '--num_processes=2', f'--process_id={i}'], env) for i in range(2)]
+  for p in procs:
+    assert p.wait(timeout=900) == 0, p.stdout.read()[-3000:]
+  l1 = [m['train_loss'] for m in _metrics(one) if 'train_loss' in m]
+  l2 = [m['train_loss'] for m in _metrics(two) if 'train_loss' in m]
+  np.testing.assert_allclose(l1, l2, atol=1e-5)
+  for x, y in zip(jax.tree_util.tree_leaves(_final(one)), jax.tree_util.tree_leaves(_final(two))):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-5, atol=1e-5)
