@@ -245,6 +245,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  if '--torch' in sys.argv:
+    # torchvision (through timm) must load before TensorFlow, which the configs import.
+    import timm  # pylint: disable=g-import-not-at-top,unused-import
   if len(sys.argv) > 1 and sys.argv[1] == 'data':
     from pat_jax.data import bench as data_bench  # pylint: disable=g-import-not-at-top
     sys.argv = [sys.argv[0]] + sys.argv[2:]

@@ -16,6 +16,7 @@ from pat_jax.data import mixup
 from pat_jax.data import randaugment
 
 FILL = (129, 124, 112)  # round(255 * CIFAR mean)
+GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
 
 
 def _test_image(h=29, w=37, seed=0):
@@ -39,10 +40,16 @@ def _timm_op(name, img, magnitude, negate, bicubic, monkeypatch):
 
 @pytest.mark.parametrize('name', randaugment.INCREASING_OPS)
 def test_randaugment_ops_match_timm_pil(name, monkeypatch):
-  """Tolerance: exact for every op except Rotate, where PIL rounds cos/sin to 15 decimals and a
-  sample landing within 1e-15 of a pixel boundary may truncate one level differently (observed:
-  max 1 level on < 0.1% of pixels). The ops run XLA-compiled (`apply_batch`, as in the
-  pipeline) with PIL's float64 arithmetic, so fusing them did not need a looser tolerance."""
+  """Tolerance: exact for the colour/histogram ops (AutoContrast, Equalize, Invert, Posterize,
+  Solarize, SolarizeAdd, Color, Contrast, Brightness, Sharpness); for the geometric ops (Rotate,
+  ShearX/Y, TranslateX/YRel) at most 1 grey level on at most 1% of the values. Why: the
+  geometric ops truncate a float64 interpolation to uint8 as PIL does, so a sample position or
+  value within ~1e-15 of a boundary can go either way: PIL rounds cos/sin to 15 decimals
+  (Rotate), and the ops run XLA-compiled (`apply_batch`, as in the pipeline), where LLVM may fuse
+  a multiply-add into one FMA (one rounding instead of two). Measured on a 224x224 image at
+  m = 3.3, 9, 10, both signs and both filters: Rotate 1 level on <= 0.0007% of values, ShearY 1
+  level on <= 0.23%, all other ops exact (and all exact on this test image).
+  """
   img = _test_image()
   for magnitude in (0.0, 3.3, 9.0, 10.0):
     for negate in (False, True):
@@ -54,8 +61,8 @@ def test_randaugment_ops_match_timm_pil(name, monkeypatch):
                                    tf.constant(negate), tf.constant(bicubic), FILL)
         diff = np.abs(out.numpy().astype(int) - ref)
         where = f'{name} m={magnitude} negate={negate} bicubic={bicubic}'
-        if name == 'Rotate':
-          assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, where
+        if name in GEOMETRIC_OPS:
+          assert diff.max() <= 1 and (diff > 0).mean() <= 0.01, where
         else:
           assert diff.max() == 0, where
 
@@ -86,8 +93,9 @@ def test_randaugment_parse_and_statistics():
 
 def test_randaugment_batch_equals_per_image_and_uncompiled_ops():
   """The pipeline's path (draw per example, `apply_batch` per batch, XLA) gives each image what
-  `rand_augment` gives it alone, and the same values as the ops run uncompiled (plain TF graph
-  ops, one image at a time): XLA's fusion does not change the arithmetic."""
+  `rand_augment` gives it alone (exactly), and the ops run uncompiled (plain TF ops, one image
+  at a time) give the same values up to the geometric ops' tolerance (XLA may contract a
+  multiply-add into an FMA, see test_randaugment_ops_match_timm_pil)."""
   cfg = 'rand-m9-mstd0.5-inc1'
   rng = np.random.default_rng(1)
   images = tf.constant(rng.integers(0, 256, (16, 16, 16, 3)).astype(np.uint8))
@@ -103,7 +111,8 @@ def test_randaugment_batch_equals_per_image_and_uncompiled_ops():
       np.testing.assert_array_equal(batch[i], randaugment.rand_augment(images[i], key, cfg,
                                                                        FILL).numpy())
     eager = randaugment._layers(images[i], *[p[i] for p in params], fill)  # no XLA
-    np.testing.assert_array_equal(batch[i], eager.numpy())
+    diff = np.abs(batch[i].astype(int) - eager.numpy().astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.01
 
 
 @pytest.mark.parametrize('method,pil', [('bilinear', Image.BILINEAR), ('bicubic', Image.BICUBIC)])
