@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -116,13 +117,37 @@ def test_workdir_contents_and_eval_mode_reproduces_logged_accuracy(data_dir, tmp
   assert line['top1'] == pytest.approx(last_eval['eval_top1'], abs=1e-3)
 
 
+class _Run:
+  """A training subprocess whose output goes to a file (a pipe nobody reads fills up and blocks it)."""
+
+  def __init__(self, args, env):
+    self._log = tempfile.TemporaryFile(mode='w+')
+    self.proc = subprocess.Popen([sys.executable, '-m', 'pat_jax.main', *args], cwd=REPO, env=env,
+                                 stdout=self._log, stderr=subprocess.STDOUT, text=True)
+
+  def poll(self):
+    return self.proc.poll()
+
+  def send_signal(self, sig):
+    self.proc.send_signal(sig)
+
+  def kill(self):
+    self.proc.kill()
+
+  def wait(self, timeout=None):
+    return self.proc.wait(timeout=timeout)
+
+  def output(self):
+    self._log.seek(0)
+    return self._log.read()
+
+
 def _launch(args, env_extra=None):
   # Subprocess runs use 2 fake CPU devices unless told otherwise: 8 fake devices on 2 cores
   # make the PAT step's cross-device traffic dominate the run time.
   env = dict(os.environ, PYTHONUNBUFFERED='1',
              **{'XLA_FLAGS': '--xla_force_host_platform_device_count=2', **(env_extra or {})})
-  return subprocess.Popen([sys.executable, '-m', 'pat_jax.main', *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return _Run(args, env)
 
 
 def _flags(cfg_path_arg, wd, data_dir, teacher_dir, extra=()):
@@ -137,7 +162,7 @@ def _wait_for_step(wd, step, proc, timeout=600):
   t0 = time.time()
   while not os.path.isdir(os.path.join(wd, 'checkpoints', str(step))):
     if proc.poll() is not None:
-      raise AssertionError(f'run ended early:\n{proc.stdout.read()[-3000:]}')
+      raise AssertionError(f'run ended early:\n{proc.output()[-3000:]}')
     if time.time() - t0 > timeout:
       proc.kill()
       raise AssertionError('timed out waiting for a checkpoint')
@@ -149,7 +174,7 @@ def pat_reference(data_dir, teacher_dir, tmp_path_factory):
   """An uninterrupted 8-step PAT run on the digits (the reference for the resume tests)."""
   wd = str(tmp_path_factory.mktemp('pat_ref') / 'run')
   proc = _launch(_flags('configs/digits_demo.py', wd, data_dir, teacher_dir))
-  assert proc.wait(timeout=900) == 0, proc.stdout.read()[-3000:]
+  assert proc.wait(timeout=900) == 0, proc.output()[-3000:]
   return wd
 
 
@@ -165,11 +190,12 @@ def test_killed_pat_run_resumes_to_the_same_parameters(data_dir, teacher_dir, pa
   code = proc.wait(timeout=300)
   if sig == signal.SIGTERM:  # graceful: a checkpoint at the stop step, clean exit
     assert code == 0
-    assert 'Preempted at step' in proc.stdout.read()
+    assert 'Preempted at step' in proc.output()
   assert not os.path.isdir(os.path.join(wd, 'checkpoints', '8'))
   proc = _launch(_flags(cfg, wd, data_dir, teacher_dir))
-  out = proc.stdout.read()
-  assert proc.wait(timeout=900) == 0, out[-3000:]
+  code = proc.wait(timeout=900)
+  out = proc.output()
+  assert code == 0, out[-3000:]
   assert 'Resumed from' in out
   for item in ('variables', 'ema'):
     _assert_trees_equal(_final(pat_reference, item), _final(wd, item))
@@ -218,14 +244,14 @@ def test_two_processes_train_like_one(data_dir, tmp_path):
             '--config.aug.cutmix=0', '--config.aug.reprob=0', '--config.aug.randaugment=']
   one = str(tmp_path / 'one')
   proc = _launch(common + [f'--workdir={one}'])
-  assert proc.wait(timeout=900) == 0, proc.stdout.read()[-3000:]
+  assert proc.wait(timeout=900) == 0, proc.output()[-3000:]
 
   two, port = str(tmp_path / 'two'), _free_port()
   env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
   procs = [_launch(common + [f'--workdir={two}', f'--coordinator_address=127.0.0.1:{port}',
                              '--num_processes=2', f'--process_id={i}'], env) for i in range(2)]
   for p in procs:
-    assert p.wait(timeout=900) == 0, p.stdout.read()[-3000:]
+    assert p.wait(timeout=900) == 0, p.output()[-3000:]
   l1 = [m['train_loss'] for m in _metrics(one) if 'train_loss' in m]
   l2 = [m['train_loss'] for m in _metrics(two) if 'train_loss' in m]
   np.testing.assert_allclose(l1, l2, atol=1e-5)
