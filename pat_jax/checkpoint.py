@@ -8,6 +8,7 @@ and `--mode=eval` read them with `load_variables`.
 import os
 from typing import Any, Dict, Optional
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -73,8 +74,16 @@ def load_variables(path: str, step: Optional[int] = None, item: str = 'variables
     if item not in mngr.item_metadata(step):
       raise CheckpointError(f'Step {step} of {path} has no {item!r} item (it has '
                             f'{sorted(mngr.item_metadata(step))}).')
+    # Restore onto this process's first device, whatever topology wrote it (e.g. a multi-host run).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.StandardCheckpointer() as reader:
+      tree = reader.metadata(os.path.join(mngr.directory, str(step), item))
+    tree = getattr(tree, 'item_metadata', tree)
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree,
+        is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
     try:
-      restored = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))
+      restored = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
       raise CheckpointError(f'Cannot restore step {step} of {path}: the checkpoint is corrupt or '
                             f'incomplete ({type(e).__name__}: {str(e).splitlines()[0][:300]}).') from e
