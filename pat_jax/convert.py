@@ -176,16 +176,18 @@ def flat_to_timm(flat: Mapping[tuple, Any]) -> Dict[str, np.ndarray]:
   return sd
 
 
-def _flatten(tree, prefix=()):
+def flatten(tree, prefix=()):
+  """Nested dicts -> {path tuple: leaf}."""
   if isinstance(tree, Mapping):
     out = {}
     for k, v in tree.items():
-      out.update(_flatten(v, prefix + (k,)))
+      out.update(flatten(v, prefix + (k,)))
     return out
   return {prefix: tree}
 
 
-def _unflatten(flat):
+def unflatten(flat):
+  """{path tuple: leaf} -> nested dicts (the inverse of flatten)."""
   tree = {}
   for path, v in flat.items():
     node = tree
@@ -224,12 +226,12 @@ def from_timm(name: str, source, num_classes: int, use_ema: bool = False, prefix
     got = {p: v for p, v in got.items() if p[1] not in _HEADS}
   expected = _expected(name, num_classes, drop_head, **overrides)
   _check(name, num_classes, got, expected)
-  return _unflatten({p: jnp.asarray(v, expected[p].dtype) for p, v in got.items()})
+  return unflatten({p: jnp.asarray(v, expected[p].dtype) for p, v in got.items()})
 
 
 def _expected(name, num_classes, drop_head=False, **overrides):
   _, abstract = abstract_variables(name, num_classes, **overrides)
-  expected = _flatten(abstract)
+  expected = flatten(abstract)
   if drop_head:
     expected = {p: v for p, v in expected.items() if p[1] not in _HEADS}
   return expected
@@ -237,7 +239,7 @@ def _expected(name, num_classes, drop_head=False, **overrides):
 
 def check_variables(name: str, variables, num_classes: int, **overrides):
   """Raises ConversionError unless `variables` fit pat_jax model `name` exactly."""
-  _check(name, num_classes, _flatten(dict(variables)), _expected(name, num_classes, **overrides))
+  _check(name, num_classes, flatten(dict(variables)), _expected(name, num_classes, **overrides))
 
 
 def _check(name, num_classes, got, expected):
@@ -261,7 +263,7 @@ def _check(name, num_classes, got, expected):
 
 def to_timm(variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
   """timm state dict (numpy arrays) from pat_jax variables; load with torch.from_numpy."""
-  return flat_to_timm({k: v for k, v in _flatten(dict(variables)).items()})
+  return flat_to_timm({k: v for k, v in flatten(dict(variables)).items()})
 
 
 def _describe(path):

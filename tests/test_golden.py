@@ -56,23 +56,12 @@ def pat_shape(shape):
   raise ValueError(f'unexpected constructor shape {shape}')
 
 
-def _flatten(tree, prefix=()):
-  if isinstance(tree, dict) or hasattr(tree, 'items'):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, prefix + (k,)))
-    return out
-  return {prefix: tree}
+def _flatten(tree):
+  return convert.flatten(tree)
 
 
 def _unflatten(flat):
-  tree = {}
-  for path, v in flat.items():
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = jnp.asarray(v)
-  return tree
+  return convert.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
 
 
 def load_variables(z, module, init_args, init_kwargs):

@@ -150,6 +150,16 @@ class ViT2ViTProjector(nn.Module):
     return jnp.swapaxes(x, 1, 2)                                    # (B, L, D)
 
 
+def _resize_bn_conv(module, x, train):
+  """The shared body of the map projectors: legacy nearest resize to out_shape, BatchNorm
+  (`conv_0`) and a bias-free 1x1 conv (`conv_1`), called from `module`'s compact __call__, so they bind to it."""
+  h, w, c = module.out_shape
+  x = nearest_resize_legacy(x, h, w)
+  x = layers.BatchNorm(dtype=module.dtype, name='conv_0')(x, train)
+  return layers.conv(c, 1, use_bias=False, dtype=module.dtype, kernel_init=kaiming_normal_fan_out,
+                     name='conv_1')(x)
+
+
 class ViT2CNNProjector(nn.Module):
   """Tokens -> map: (B, l, d) -> (B, H, W, C) (the aligner for map teachers).
 
@@ -164,11 +174,7 @@ class ViT2CNNProjector(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    h, w, c = self.out_shape
-    x = nearest_resize_legacy(tokens_to_grid(x), h, w)
-    x = layers.BatchNorm(dtype=self.dtype, name='conv_0')(x, train)
-    return layers.conv(c, 1, use_bias=False, dtype=self.dtype, kernel_init=kaiming_normal_fan_out,
-                       name='conv_1')(x)
+    return _resize_bn_conv(self, tokens_to_grid(x), train)
 
 
 class CNN2CNNProjector(nn.Module):
@@ -183,11 +189,7 @@ class CNN2CNNProjector(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    h, w, c = self.out_shape
-    x = nearest_resize_legacy(x, h, w)
-    x = layers.BatchNorm(dtype=self.dtype, name='conv_0')(x, train)
-    return layers.conv(c, 1, use_bias=False, dtype=self.dtype, kernel_init=kaiming_normal_fan_out,
-                       name='conv_1')(x)
+    return _resize_bn_conv(self, x, train)
 
 
 class CNN2ViTProjector(nn.Module):
