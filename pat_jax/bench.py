@@ -232,6 +232,8 @@ def main(argv):
                          'python -m pat_jax.bench data ...).')
   if FLAGS.config is None:
     raise app.UsageError('--config is required.')
+  from pat_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  xla_cpu.apply(FLAGS.config)  # before JAX starts its backends
   if FLAGS.torch:
     result = bench_torch(FLAGS.config, FLAGS.steps, FLAGS.num_classes)
   else:

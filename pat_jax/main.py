@@ -13,7 +13,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from pat_jax import evaluate, sharding, train
+from pat_jax import evaluate, sharding, train, xla_cpu
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
@@ -31,6 +31,7 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  xla_cpu.apply(FLAGS.config)  # before JAX starts its backends
   sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
   sharding.check_platform()

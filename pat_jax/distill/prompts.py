@@ -26,6 +26,7 @@ from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from pat_jax.distill import projectors
 from pat_jax.models import layers
@@ -39,6 +40,86 @@ def torch_conv(features: int, kernel: int, in_ch: int, groups: int = 1, dtype=jn
   return layers.conv(features, kernel, 1, kernel // 2, groups=groups, dtype=dtype,
                      kernel_init=layers.torch_default_kernel,
                      bias_init=layers.torch_default_bias(fan_in), name=name)
+
+
+def torch_conv_weights(features: int, kernel: int, in_ch: int, groups: int = 1,
+                       name: Optional[str] = None):
+  """`torch_conv`'s (kernel, bias) alone, for `conv_chain` and `conv_chain_mean`."""
+  fan_in = in_ch // groups * kernel * kernel
+  return layers.ConvWeights(features, kernel, groups, kernel_init=layers.torch_default_kernel,
+                            bias_init=layers.torch_default_bias(fan_in), name=name)(in_ch)
+
+
+def _groups(kernel, in_ch: int) -> int:
+  return in_ch // kernel.shape[2]
+
+
+def conv_chain(x, weights, dtype=jnp.float32):
+  """conv1x1 -> conv kxk (padding k//2) -> conv1x1, stride 1, each (kernel, bias)."""
+  for kernel, bias in weights:
+    x = layers.conv_apply(x, kernel, bias, 1, kernel.shape[0] // 2,
+                          _groups(kernel, x.shape[-1]), dtype)
+  return x
+
+
+def _clipped_sums(x, axis: int, k: int):
+  """Sums of x along `axis` over the k windows of a size-k, padding-k//2 convolution tap,
+  stacked on that axis: window d covers indices [d - k//2, d - k//2 + n) clipped to [0, n).
+  Computed as the full sum minus the few border slices each window leaves out (no
+  full-size intermediates, forward or backward)."""
+  n, p = x.shape[axis], k // 2
+  total = x.sum(axis)
+  edge = lambda j: jnp.take(x, j, axis=axis)
+  out = []
+  for d in range(k):
+    o = d - p
+    if abs(o) >= n:
+      out.append(jnp.zeros_like(total))
+    elif o == 0:
+      out.append(total)
+    else:
+      left_out = range(n + o, n) if o < 0 else range(o)   # the indices window d misses
+      out.append(total - sum(edge(j) for j in left_out))
+  return jnp.stack(out, axis=axis)
+
+
+def window_sums(x, k: int):
+  """(B, H, W, C) -> (B, k, k, C): entry (di, dj) is the sum of x over the cells that tap
+  (di, dj) of a k x k convolution with zero padding k//2 reads, i.e. x shifted by
+  (di - k//2, dj - k//2) and clipped to the map. Also returns their counts (k, k)."""
+  p = k // 2
+  _, h, w, _ = x.shape
+  sums = _clipped_sums(_clipped_sums(x, 2, k), 1, k)
+  span = lambda n: [max(0, min(n, n + d - p) - max(0, d - p)) for d in range(k)]
+  return sums, np.outer(span(h), span(w))
+
+
+def conv_chain_mean(x, weights, dtype=jnp.float32):
+  """mean over space of `conv_chain(x, weights)`, as (B, 1, 1, C), without the full maps.
+  x: a map, or a tuple of maps that `conv_chain` would see concatenated over channels.
+
+  All three convolutions are affine (no activation between them), so the spatial mean of
+  the output is the last 1x1 conv of the mean of the kxk conv's output, and that mean is a
+  sum over the k*k taps of (the sum of its input over the window that tap reads) times the
+  tap's weights. The windows are clipped sums of x (`window_sums`), taken through the first
+  1x1 conv (its bias counted once per cell). Cost O(HWC + k^2 C^2) instead of O(HW k^2 C^2).
+  """
+  (k0, b0), (k1, b1), (k2, b2) = weights
+  k = k1.shape[0]
+  parts = x if isinstance(x, (tuple, list)) else (x,)
+  _, h, w, _ = parts[0].shape
+  sums = [window_sums(p.astype(jnp.float32), k) for p in parts]
+  counts = sums[0][1]
+  sums = jnp.concatenate([s for s, _ in sums], axis=-1)                      # (B, k, k, Cin)
+  cin = sums.shape[-1]
+  u = layers.conv_apply(sums, k0, None, groups=_groups(k0, cin), dtype=dtype)
+  u = u + jnp.asarray(counts, u.dtype)[None, :, :, None] * b0.astype(u.dtype)  # (B, k, k, C)
+  if k1.shape[2] == 1 and k1.shape[3] == u.shape[-1] > 1:                    # depthwise
+    v = jnp.einsum('bijc,ijc->bc', u, k1[:, :, 0, :].astype(u.dtype))
+  else:
+    v = jnp.einsum('bijc,ijco->bo', u, k1.astype(u.dtype))
+  v = v / (h * w) + b1.astype(v.dtype)
+  return layers.conv_apply(v[:, None, None, :], k2, b2, dtype=dtype)
 
 
 class SEBlock(nn.Module):
@@ -98,6 +179,7 @@ class PromptBlock(nn.Module):
   se_mode: str = 'gate'
   cls_token: str = 'last'
   se_ratio: int = 16
+  pooled: bool = True   # se_mode='gate' only: compute through spatial means (same function)
   dtype: Any = jnp.float32
 
   @property
@@ -108,6 +190,11 @@ class PromptBlock(nn.Module):
     side = projectors.grid_side
     return (side(self.in_shape), self.in_shape[-1]) != (side(self.out_shape), self.out_shape[-1])
 
+  def _pooled(self) -> bool:
+    """Faithful SE (Q2) makes each conv chain's output matter only through its spatial
+    mean, which `conv_chain_mean` computes exactly without the full-resolution maps."""
+    return self.se_mode == 'gate' and self.pooled
+
   def _fusion(self, x_grid, fb, train):
     c = self.channels
     if self._aligner_needed():
@@ -116,18 +203,21 @@ class PromptBlock(nn.Module):
                                     name='fb_aligner')(fb, train)
     if fb.ndim == 3:
       fb = projectors.tokens_to_grid(projectors.drop_cls(fb, self.cls_token))
-    y = jnp.concatenate([x_grid, fb.astype(x_grid.dtype)], axis=-1)
-    y = torch_conv(c, 1, 2 * c, dtype=self.dtype, name='fusion_block_0')(y)
-    y = torch_conv(c, 5, c, dtype=self.dtype, name='fusion_block_1')(y)
-    y = torch_conv(c, 1, c, dtype=self.dtype, name='fusion_block_2')(y)
+    y = (x_grid, fb.astype(x_grid.dtype))
+    chain = [torch_conv_weights(c, 1, 2 * c, name='fusion_block_0'),
+             torch_conv_weights(c, 5, c, name='fusion_block_1'),
+             torch_conv_weights(c, 1, c, name='fusion_block_2')]
+    y = conv_chain_mean(y, chain, self.dtype) if self._pooled() else conv_chain(
+        jnp.concatenate(y, axis=-1), chain, self.dtype)
     y = SEBlock(c, self.se_ratio, self.se_mode, dtype=self.dtype, name='fusion_block_3')(y)
     return torch_conv(c, 1, c, dtype=self.dtype, name='fusion_block_4')(y)
 
   def _prompt(self, y):
     c = self.channels
-    y = torch_conv(c, 1, c, groups=4, dtype=self.dtype, name='prompt_block_0')(y)
-    y = torch_conv(c, 5, c, groups=c, dtype=self.dtype, name='prompt_block_1')(y)
-    y = torch_conv(c, 1, c, dtype=self.dtype, name='prompt_block_2')(y)
+    chain = [torch_conv_weights(c, 1, c, groups=4, name='prompt_block_0'),
+             torch_conv_weights(c, 5, c, groups=c, name='prompt_block_1'),
+             torch_conv_weights(c, 1, c, name='prompt_block_2')]
+    y = (conv_chain_mean if self._pooled() else conv_chain)(y, chain, self.dtype)
     y = SEBlock(c, self.se_ratio, self.se_mode, dtype=self.dtype, name='prompt_block_3')(y)
     return torch_conv(c, 1, c, groups=4, dtype=self.dtype, name='prompt_block_4')(y)
 

@@ -1,0 +1,145 @@
+"""The exact reformulations that make the PAT step fast equal the plain computations they
+replace, values and gradients: the pooled PromptBlock (faithful SE gate), BatchNorm and 1x1
+conv before a nearest upsampling in the aligners, the depthwise convolution's and GELU's own
+gradient rules."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pat_jax.distill import pat_modules as pm
+from pat_jax.distill import prompts, projectors
+from pat_jax.models import layers
+
+HIGHEST = functools.partial(jax.default_matmul_precision, 'highest')
+
+
+def _rand(key, shape, scale=1.0):
+  return scale * jax.random.normal(jax.random.key(key), shape, jnp.float32)
+
+
+def _perturb(tree, seed):
+  """Every parameter moved off its initial value (beta = 0 would hide the prompt)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
+                            if jnp.issubdtype(x.dtype, jnp.floating) else x
+                            for x, k in zip(leaves, keys)])
+
+
+def _assert_close(a, b, rtol=2e-5):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    scale = max(np.abs(y).max(), 1e-6)
+    np.testing.assert_allclose(x, y, rtol=0, atol=rtol * scale, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize('in_shape,out_shape,x_shape,fb', [
+    ((4, 4, 48), (8, 8, 32), (2, 8, 8, 32), True),    # map, fb_aligner upsamples 4 -> 8
+    ((8, 8, 32), (8, 8, 32), (2, 8, 8, 32), True),    # map, identity feedback
+    ((7, 7, 32), (7, 7, 32), (2, 7, 7, 32), False),   # map, first step (no feedback)
+    ((49, 32), (50, 32), (2, 50, 32), True),          # sequence with a cls token
+    ((3, 3, 32), (3, 3, 32), (2, 3, 3, 32), True),    # map smaller than the 5x5 window
+])
+def test_pooled_prompt_block_equals_direct(in_shape, out_shape, x_shape, fb):
+  x = _rand(0, x_shape)
+  feedback = _rand(1, (2,) + in_shape) if fb else None
+  direct = pm.PromptBlock(in_shape, out_shape, pooled=False)
+  pooled = pm.PromptBlock(in_shape, out_shape, pooled=True)
+  variables = direct.init(jax.random.key(2), x, feedback, True)
+  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+      pooled.init(jax.random.key(2), x, feedback, True))
+  params = _perturb(variables['params'], 3)
+
+  def run(module, p, x):
+    y, upd = module.apply({**variables, 'params': p}, x, feedback, True, mutable=['batch_stats'])
+    return jnp.sum(jnp.sin(y) * x), (y, upd)
+
+  with HIGHEST():
+    (_, (y_d, s_d)), g_d = jax.value_and_grad(run, argnums=(1, 2), has_aux=True)(direct, params, x)
+    (_, (y_p, s_p)), g_p = jax.value_and_grad(run, argnums=(1, 2), has_aux=True)(pooled, params, x)
+  _assert_close(y_p, y_d)
+  _assert_close(s_p, s_d)
+  _assert_close(g_p, g_d, rtol=1e-4)
+
+
+def test_pooled_prompt_is_not_used_for_se_scale():
+  # se_mode='scale' (corrected Q2) needs the full maps: `pooled` must not change it.
+  x, fb = _rand(0, (2, 6, 6, 32)), _rand(1, (2, 6, 6, 32))
+  a = pm.PromptBlock((6, 6, 32), (6, 6, 32), se_mode='scale', pooled=True)
+  b = pm.PromptBlock((6, 6, 32), (6, 6, 32), se_mode='scale', pooled=False)
+  v = a.init(jax.random.key(0), x, fb, True)
+  v = {**v, 'params': _perturb(v['params'], 1)}
+  y = a.apply(v, x, fb, True, mutable=['batch_stats'])[0]
+  np.testing.assert_array_equal(y, b.apply(v, x, fb, True, mutable=['batch_stats'])[0])
+  assert float(jnp.std(y - x, axis=(1, 2)).max()) > 0  # a spatial prompt, not an offset
+
+
+@pytest.mark.parametrize('h,w,k', [(8, 8, 5), (7, 5, 5), (2, 3, 5), (1, 1, 5), (6, 6, 3)])
+def test_window_sums_match_padded_convolution_taps(h, w, k):
+  x = _rand(0, (2, h, w, 3))
+  sums, counts = prompts.window_sums(x, k)
+  p = k // 2
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  for i in range(k):
+    for j in range(k):
+      np.testing.assert_allclose(sums[:, i, j], xp[:, i:i + h, j:j + w].sum((1, 2)), atol=1e-5)
+      ones = jnp.pad(jnp.ones((h, w)), p)[i:i + h, j:j + w]
+      assert counts[i, j] == ones.sum()
+
+
+def _reference_resize_bn_conv(x, params, stats, out_hw, train):
+  """The original's order: resize, then BatchNorm (PyTorch semantics), then the 1x1 conv."""
+  up = projectors.nearest_resize_legacy(x, *out_hw)
+  bn = layers.BatchNorm()
+  y, upd = bn.apply({'params': params['conv_0'], 'batch_stats': stats['conv_0']}, up, train,
+                    mutable=['batch_stats'])
+  return jnp.dot(y, params['conv_1']['kernel'][0, 0]), upd['batch_stats']
+
+
+@pytest.mark.parametrize('cls,in_shape,out_shape', [
+    (projectors.ViT2CNNProjector, (16, 12), (56, 56, 8)),   # 4 -> 56: integer factor
+    (projectors.ViT2CNNProjector, (16, 12), (7, 7, 8)),     # 4 -> 7: uneven copies
+    (projectors.CNN2CNNProjector, (7, 7, 6), (14, 14, 8)),
+    (projectors.CNN2CNNProjector, (7, 7, 6), (10, 12, 8)),
+    (projectors.CNN2CNNProjector, (8, 8, 6), (4, 4, 8)),    # downsampling: resize first
+])
+@pytest.mark.parametrize('train', [True, False])
+def test_aligner_upsampling_last_equals_resize_first(cls, in_shape, out_shape, train):
+  x = _rand(0, (3,) + in_shape, 2.0) + 1.0
+  module = cls(in_shape, out_shape)
+  v = module.init(jax.random.key(1), x, True)
+  params = _perturb(v['params'], 2)
+  stats = _perturb(v['batch_stats'], 3)
+  stats = jax.tree_util.tree_map(lambda s: jnp.abs(s) if s.dtype == jnp.float32 else s, stats)
+  with HIGHEST():
+    y, upd = module.apply({'params': params, 'batch_stats': stats}, x, train, mutable=['batch_stats'])
+    grid = projectors.tokens_to_grid(x) if x.ndim == 3 else x
+    y_ref, upd_ref = _reference_resize_bn_conv(grid, params, stats, out_shape[:2], train)
+  assert y.shape == (3,) + out_shape
+  _assert_close(y, y_ref)
+  _assert_close(upd['batch_stats'], {'conv_0': upd_ref})
+
+
+@pytest.mark.parametrize('shape,k,p', [((2, 9, 9, 4), 7, 3), ((2, 6, 5, 3), 5, 2), ((1, 4, 4, 2), 3, 1)])
+def test_shifted_depthwise_gradients_equal_xla_convolution(shape, k, p):
+  x = _rand(0, shape)
+  kernel = _rand(1, (k, k, 1, shape[-1]))
+  loss = lambda impl, x, w: jnp.sum(jnp.cos(layers.depthwise(x, w, p, impl)) * x)
+  with HIGHEST():
+    want = jax.value_and_grad(functools.partial(loss, 'xla'), argnums=(0, 1))(x, kernel)
+    got = jax.value_and_grad(functools.partial(loss, 'shift'), argnums=(0, 1))(x, kernel)
+  _assert_close(got, want)
+
+
+def test_gelu_is_exact_erf_form_with_its_derivative():
+  x = jnp.linspace(-6.0, 6.0, 1001)
+  np.testing.assert_allclose(layers.gelu(x), nn.gelu(x, approximate=False), rtol=0, atol=0)
+  g = jax.vmap(jax.grad(layers.gelu))(x)
+  g_ref = jax.vmap(jax.grad(functools.partial(nn.gelu, approximate=False)))(x)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-6)
+  # bf16 in, bf16 gradient out.
+  assert jax.grad(lambda v: layers.gelu(v).sum())(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
