@@ -58,9 +58,11 @@ def test_pooled_prompt_block_equals_direct(in_shape, out_shape, x_shape, fb):
     y, upd = module.apply({**variables, 'params': p}, x, feedback, True, mutable=['batch_stats'])
     return jnp.sum(jnp.sin(y) * x), (y, upd)
 
+  grad = lambda m: jax.jit(jax.value_and_grad(functools.partial(run, m), argnums=(0, 1),
+                                              has_aux=True))
   with HIGHEST():
-    (_, (y_d, s_d)), g_d = jax.value_and_grad(run, argnums=(1, 2), has_aux=True)(direct, params, x)
-    (_, (y_p, s_p)), g_p = jax.value_and_grad(run, argnums=(1, 2), has_aux=True)(pooled, params, x)
+    (_, (y_d, s_d)), g_d = grad(direct)(params, x)
+    (_, (y_p, s_p)), g_p = grad(pooled)(params, x)
   _assert_close(y_p, y_d)
   _assert_close(s_p, s_d)
   _assert_close(g_p, g_d, rtol=1e-4)
@@ -116,7 +118,8 @@ def test_aligner_upsampling_last_equals_resize_first(cls, in_shape, out_shape, t
   stats = _perturb(v['batch_stats'], 3)
   stats = jax.tree_util.tree_map(lambda s: jnp.abs(s) if s.dtype == jnp.float32 else s, stats)
   with HIGHEST():
-    y, upd = module.apply({'params': params, 'batch_stats': stats}, x, train, mutable=['batch_stats'])
+    y, upd = jax.jit(functools.partial(module.apply, mutable=['batch_stats']), static_argnums=2)(
+        {'params': params, 'batch_stats': stats}, x, train)
     grid = projectors.tokens_to_grid(x) if x.ndim == 3 else x
     y_ref, upd_ref = _reference_resize_bn_conv(grid, params, stats, out_shape[:2], train)
   assert y.shape == (3,) + out_shape
@@ -130,8 +133,8 @@ def test_shifted_depthwise_gradients_equal_xla_convolution(shape, k, p):
   kernel = _rand(1, (k, k, 1, shape[-1]))
   loss = lambda impl, x, w: jnp.sum(jnp.cos(layers.depthwise(x, w, p, impl)) * x)
   with HIGHEST():
-    want = jax.value_and_grad(functools.partial(loss, 'xla'), argnums=(0, 1))(x, kernel)
-    got = jax.value_and_grad(functools.partial(loss, 'shift'), argnums=(0, 1))(x, kernel)
+    want = jax.jit(jax.value_and_grad(functools.partial(loss, 'xla'), argnums=(0, 1)))(x, kernel)
+    got = jax.jit(jax.value_and_grad(functools.partial(loss, 'shift'), argnums=(0, 1)))(x, kernel)
   _assert_close(got, want)
 
 
