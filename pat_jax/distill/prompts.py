@@ -172,6 +172,10 @@ class PromptBlock(nn.Module):
   `train` selects batch vs running statistics of the fb_aligner BatchNorm (the
   original always runs PromptBlocks in train mode). `init` always creates every
   parameter, also when called without feedback.
+
+  `pooled` (default True, used with se_mode='gate'): the fusion and prompt branches are
+  computed through their spatial means (`conv_chain_mean`), the same function without the
+  full-resolution convolutions; False computes them directly.
   """
   in_shape: Tuple[int, ...]
   out_shape: Tuple[int, ...]
