@@ -344,25 +344,12 @@ def test_fused_mix_normalize_exhaustive_pixel_pairs():
     np.testing.assert_array_equal(out.numpy(), augment.normalize(ref_images, mean, std).numpy())
 
 
-def _reference_erasing(images, key, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3,
-                       attempts=10):
-  """The straightforward whole-batch form of `augment.random_erasing` (same draws)."""
-  b = tf.shape(images)[0]
+def _reference_erasing(images, key, prob):
+  """The straightforward whole-batch form of `augment.random_erasing` (same draws, from
+  `augment.erasing_boxes`): every example gets a mask, erased ones get the noise."""
   height, width = images.shape[1], images.shape[2]
-  k_apply, k_area, k_ratio, k_top, k_left, k_noise = augment.split(key, 6)
-  apply = augment.uniform(k_apply, [b]) <= prob
-  target = augment.uniform(k_area, [b, attempts], min_area, max_area) * float(height * width)
-  aspect = tf.exp(augment.uniform(k_ratio, [b, attempts], math.log(min_aspect),
-                                  math.log(1 / min_aspect)))
-  h = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)
-  w = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
-  ok = tf.logical_and(w < width, h < height)
-  first = tf.argmax(tf.cast(ok, tf.int32), axis=1, output_type=tf.int32)
-  h = tf.gather(h, first, batch_dims=1)
-  w = tf.gather(w, first, batch_dims=1)
-  apply = tf.logical_and(apply, tf.reduce_any(ok, axis=1))
-  top = augment.randint(k_top, 0, height - h, [b])
-  left = augment.randint(k_left, 0, width - w, [b])
+  apply, top, left, h, w, k_noise = augment.erasing_boxes(key, tf.shape(images)[0], height,
+                                                          width, prob)
   rows = tf.range(height)[None, :, None]
   cols = tf.range(width)[None, None, :]
   inside = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])

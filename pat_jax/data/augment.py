@@ -278,20 +278,17 @@ def normalize(images_uint8, mean, std):
   return (tf.cast(images_uint8, tf.float32) - mean) / std
 
 
-def random_erasing(images, key, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3,
-                   attempts=10):
-  """timm RandomErasing(mode='pixel', count=1) on a normalised float batch (b, H, W, C).
+def erasing_boxes(key, b, height, width, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3,
+                  attempts=10):
+  """`random_erasing`'s draws for a batch of b: (apply, top, left, h, w, noise key).
 
   Per example: with probability `prob`, up to ten attempts of (area ~ U(2%, 33%), log-aspect ~
-  U(log 0.3, log 1/0.3)); the first box strictly smaller than the image is filled with N(0, 1)
-  noise per pixel and channel.
+  U(log 0.3, log 1/0.3)); the first box strictly smaller than the image is kept (`apply` is
+  False when none is).
   """
-  b = tf.shape(images)[0]
-  height, width = images.shape[1], images.shape[2]
   k_apply, k_area, k_ratio, k_top, k_left, k_noise = split(key, 6)
-  area = float(height * width)
   apply = uniform(k_apply, [b]) <= prob
-  target = uniform(k_area, [b, attempts], min_area, max_area) * area
+  target = uniform(k_area, [b, attempts], min_area, max_area) * float(height * width)
   aspect = tf.exp(uniform(k_ratio, [b, attempts], math.log(min_aspect), math.log(1 / min_aspect)))
   h = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)
   w = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
@@ -302,6 +299,16 @@ def random_erasing(images, key, prob, min_area=0.02, max_area=1 / 3, min_aspect=
   apply = tf.logical_and(apply, tf.reduce_any(ok, axis=1))
   top = randint(k_top, 0, height - h, [b])
   left = randint(k_left, 0, width - w, [b])
+  return apply, top, left, h, w, k_noise
+
+
+def random_erasing(images, key, prob, min_area=0.02, max_area=1 / 3, min_aspect=0.3,
+                   attempts=10):
+  """timm RandomErasing(mode='pixel', count=1) on a normalised float batch (b, H, W, C): each
+  box drawn by `erasing_boxes` is filled with N(0, 1) noise per pixel and channel."""
+  height, width = images.shape[1], images.shape[2]
+  apply, top, left, h, w, k_noise = erasing_boxes(key, tf.shape(images)[0], height, width, prob,
+                                                  min_area, max_area, min_aspect, attempts)
   # Only the erased examples (about `prob` of them) are touched: their noise (the N(0, 1) draws
   # dominate the cost), their boxes, and a scatter of the results back into the batch.
   erased = tf.cast(tf.where(apply), tf.int32)

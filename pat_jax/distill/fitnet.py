@@ -123,6 +123,19 @@ def _side(n: int, what: str) -> int:
   return s
 
 
+def _map_grid_ratio(map_shape, g: int, err: str):
+  """(map side >= token grid side g, the integer ratio of the larger side to the smaller) for a
+  square map against a g x g token grid; a ValueError starting with `err` otherwise."""
+  h, w = map_shape[:2]
+  if h != w:
+    raise ValueError(f'{err}: a non-square map.')
+  big, small = max(h, g), min(h, g)
+  if big % small:
+    raise ValueError(f'{err}: of the map side {h} and the token grid side {g}, the larger is '
+                     'not a multiple of the smaller.')
+  return h >= g, big // small
+
+
 def plan_stage(student_shape: Sequence[int], teacher_shape: Sequence[int]) -> Plan:
   """The original's aligner for a (student, teacher) pair of per-sample stage shapes.
 
@@ -137,32 +150,17 @@ def plan_stage(student_shape: Sequence[int], teacher_shape: Sequence[int]) -> Pl
                        'does not resize).')
     return Plan('conv', s, t, t[2])
   if len(s) == 3 and len(t) == 2:
-    h, w, _ = s
-    g = _side(t[0], 'the teacher stage')
-    if h != w:
-      raise ValueError(f'{err}: a non-square map.')
-    if h >= g:
-      p = h // g
-      if p * g != h:
-        raise ValueError(f'{err}: the map side {h} is not a multiple of the token grid side {g}.')
-      return Plan('patch_embed', s, t, t[1], p)
-    r = g // h
-    if r * h != g:
-      raise ValueError(f'{err}: the token grid side {g} is not a multiple of the map side {h}.')
-    return Plan('conv_merge', s, t, t[1] * r * r, r)
+    h, g = s[0], _side(t[0], 'the teacher stage')
+    map_larger, ratio = _map_grid_ratio(s, g, err)
+    if map_larger:
+      return Plan('patch_embed', s, t, t[1], ratio)
+    return Plan('conv_merge', s, t, t[1] * ratio * ratio, ratio)
   if len(s) == 2 and len(t) == 3:
-    g = _side(s[0], 'the student stage')
-    h, w, c = t
-    if h != w:
-      raise ValueError(f'{err}: a non-square map.')
-    if h >= g:
-      p = h // g
-      if p * g != h:
-        raise ValueError(f'{err}: the map side {h} is not a multiple of the token grid side {g}.')
-      return Plan('linear_unpatchify', s, t, p * p * c, p)
-    if g % h:
-      raise ValueError(f'{err}: the token grid side {g} is not a multiple of the map side {h}.')
-    return Plan('merge_conv', s, t, c, g // h)
+    g, c = _side(s[0], 'the student stage'), t[2]
+    map_larger, ratio = _map_grid_ratio(t, g, err)
+    if map_larger:
+      return Plan('linear_unpatchify', s, t, ratio * ratio * c, ratio)
+    return Plan('merge_conv', s, t, c, ratio)
   if len(s) == 2 and len(t) == 2:
     (l_s, d_s), (l_t, d_t) = s, t
     if l_t > l_s:

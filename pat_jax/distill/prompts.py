@@ -32,22 +32,26 @@ from pat_jax.distill import projectors
 from pat_jax.models import layers
 
 
+def _torch_init(kernel: int, in_ch: int, groups: int):
+  """PyTorch's default Conv2d initialisers: U(+-1/sqrt(fan_in)), fan_in = in_ch/groups*k*k."""
+  fan_in = in_ch // groups * kernel * kernel
+  return dict(kernel_init=layers.torch_default_kernel,
+              bias_init=layers.torch_default_bias(fan_in))
+
+
 def torch_conv(features: int, kernel: int, in_ch: int, groups: int = 1, dtype=jnp.float32,
                name: Optional[str] = None):
   """Conv2d(in_ch -> features, kernel, stride 1, padding kernel//2, groups, bias) with
   PyTorch's default initialisation."""
-  fan_in = in_ch // groups * kernel * kernel
-  return layers.conv(features, kernel, 1, kernel // 2, groups=groups, dtype=dtype,
-                     kernel_init=layers.torch_default_kernel,
-                     bias_init=layers.torch_default_bias(fan_in), name=name)
+  return layers.conv(features, kernel, 1, kernel // 2, groups=groups, dtype=dtype, name=name,
+                     **_torch_init(kernel, in_ch, groups))
 
 
 def torch_conv_weights(features: int, kernel: int, in_ch: int, groups: int = 1,
                        name: Optional[str] = None):
   """`torch_conv`'s (kernel, bias) alone, for `conv_chain` and `conv_chain_mean`."""
-  fan_in = in_ch // groups * kernel * kernel
-  return layers.ConvWeights(features, kernel, groups, kernel_init=layers.torch_default_kernel,
-                            bias_init=layers.torch_default_bias(fan_in), name=name)(in_ch)
+  return layers.ConvWeights(features, kernel, groups, name=name,
+                            **_torch_init(kernel, in_ch, groups))(in_ch)
 
 
 def _groups(kernel, in_ch: int) -> int:
@@ -108,9 +112,8 @@ def conv_chain_mean(x, weights, dtype=jnp.float32):
   k = k1.shape[0]
   parts = x if isinstance(x, (tuple, list)) else (x,)
   _, h, w, _ = parts[0].shape
-  sums = [window_sums(p.astype(jnp.float32), k) for p in parts]
-  counts = sums[0][1]
-  sums = jnp.concatenate([s for s, _ in sums], axis=-1)                      # (B, k, k, Cin)
+  sums, counts = zip(*[window_sums(p.astype(jnp.float32), k) for p in parts])
+  sums, counts = jnp.concatenate(sums, axis=-1), counts[0]                  # (B, k, k, Cin)
   cin = sums.shape[-1]
   u = layers.conv_apply(sums, k0, None, groups=_groups(k0, cin), dtype=dtype)
   u = u + jnp.asarray(counts, u.dtype)[None, :, :, None] * b0.astype(u.dtype)  # (B, k, k, C)

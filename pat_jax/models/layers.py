@@ -85,11 +85,18 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    k, g = self.kernel, self.groups
-    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1] // g, self.features),
+    kernel, bias = _conv_params(self, x.shape[-1])
+    return conv_apply(x, kernel, bias, self.stride, self.padding, self.groups, self.dtype)
+
+
+def _conv_params(module, in_features: int):
+  """(kernel, bias) of a `Conv` or `ConvWeights`, declared on `module` (inside its compact call)."""
+  k, g = module.kernel, module.groups
+  kernel = module.param('kernel', module.kernel_init, (k, k, in_features // g, module.features),
                         jnp.float32)
-    bias = self.param('bias', self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
-    return conv_apply(x, kernel, bias, self.stride, self.padding, g, self.dtype)
+  bias = (module.param('bias', module.bias_init, (module.features,), jnp.float32)
+          if module.use_bias else None)
+  return kernel, bias
 
 
 class ConvWeights(nn.Module):
@@ -104,11 +111,7 @@ class ConvWeights(nn.Module):
 
   @nn.compact
   def __call__(self, in_features: int):
-    k, g = self.kernel, self.groups
-    kernel = self.param('kernel', self.kernel_init, (k, k, in_features // g, self.features),
-                        jnp.float32)
-    bias = self.param('bias', self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
-    return kernel, bias
+    return _conv_params(self, in_features)
 
 
 def conv_apply(x, kernel, bias=None, stride: int = 1, padding: int = 0, groups: int = 1,
