@@ -127,6 +127,17 @@ def test_aligner_upsampling_last_equals_resize_first(cls, in_shape, out_shape, t
   _assert_close(upd['batch_stats'], {'conv_0': upd_ref})
 
 
+def test_taps_dot_gradient_rule_equals_autodiff():
+  u, kernel = _rand(0, (3, 5, 5, 4)), _rand(1, (5, 5, 4, 6))
+  loss = lambda f, u, w: jnp.sum(jnp.cos(f(u, w)) * jnp.arange(6.0))
+  plain = lambda u, w: jnp.einsum('bijc,ijco->bo', u, w)
+  with HIGHEST():
+    want = jax.jit(jax.value_and_grad(functools.partial(loss, plain), argnums=(0, 1)))(u, kernel)
+    got = jax.jit(jax.value_and_grad(functools.partial(loss, prompts.taps_dot), argnums=(0, 1)))(
+        u, kernel)
+  _assert_close(got, want)
+
+
 @pytest.mark.parametrize('shape,k,p', [((2, 9, 9, 4), 7, 3), ((2, 6, 5, 3), 5, 2), ((1, 4, 4, 2), 3, 1)])
 def test_shifted_depthwise_gradients_equal_xla_convolution(shape, k, p):
   x = _rand(0, shape)
