@@ -8,7 +8,8 @@ Recipe: cifar/vit_mlp.yaml, PAT defaults (as configs/cifar_convnext_deit.py).
 Expected: 83.50% top-1. Variants (`:ARG`, pat_jax/experiments.py) with the paper's numbers:
   :student 66.56 | :fitnet 45.47 | :no_raa,no_afp 45.47 | :no_afp (RAA only) 75.04
   :no_raa (AFP only) 80.12
-Runtime: 117,000 steps; not measured end to end here (no accelerator was available).
+Runtime: 117,000 steps; not measured end to end, nor on a GPU (the DeiT-T pair's bf16 step
+is 0.057 s at batch 128 on one H200); on a 2-core CPU the batch-8 step is 2.2 s.
 """
 from pat_jax import config as base_config
 from pat_jax import data, experiments
