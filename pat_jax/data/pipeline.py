@@ -55,13 +55,16 @@ def _root_key(seed, tag):
 
 def train_indices(config, num_examples: int) -> np.ndarray:
   """Indices of the training examples used: all, or the first `train_fraction` of a seeded
-  permutation (paper Table 2), returned sorted."""
+  permutation (paper Table 2), returned sorted. The permutation's seed is `dataset.fraction_seed`
+  (default: the run's seed); a fixed one makes smaller fractions subsets of larger ones."""
   fraction = float(config.dataset.get('train_fraction', 1.0))
   if fraction >= 1.0:
     return np.arange(num_examples, dtype=np.int64)
   if not 0.0 < fraction < 1.0:
     raise ValueError(f'dataset.train_fraction must be in (0, 1], got {fraction}')
-  perm = np.random.default_rng([int(config.seed), _FRACTION]).permutation(num_examples)
+  seed = config.dataset.get('fraction_seed')  # None: the run's seed
+  seed = int(config.seed if seed is None else seed)
+  perm = np.random.default_rng([seed, _FRACTION]).permutation(num_examples)
   return np.sort(perm[:int(round(fraction * num_examples))]).astype(np.int64)
 
 

@@ -34,10 +34,16 @@ def default_config() -> ml_collections.ConfigDict:
   # /root/<split>/<class>/*.{png,jpg}.
   c.name = 'cifar100'
   c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  # Splits may be TFDS slices: train_split='train[:90%]', eval_split='train[90%:]' evaluates on a
+  # validation split held out of 'train' (choose settings there), and test_split='test' is then
+  # read once, by the final model, at the end of the run (result.json test_top1).
   c.train_split = 'train'
-  c.eval_split = 'test'
+  c.eval_split = 'test'  # evaluated every eval_every_steps (best_top1 is over these evaluations)
+  c.test_split = ''  # '' = none; else evaluated once after the last step
   c.image_size = 224
   c.train_fraction = 1.0  # first fraction of the seed-shuffled train split (paper Table 2)
+  # Seed of that shuffle; None: config.seed. Fixed, every run and fraction draws nested subsets.
+  c.fraction_seed = ml_collections.FieldReference(None, field_type=int)
   c.mean = CIFAR_MEAN  # 0-1 units; pixels are normalised as (x - 255*mean) / (255*std)
   c.std = CIFAR_STD
   c.eval_crop_pct = 0.875  # 0.9 for deit/vit/swin students (timm default_cfg)

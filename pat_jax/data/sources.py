@@ -7,11 +7,15 @@ function of (seed, epoch) and any step can be resumed exactly. Two readers provi
   CIFAR-100 train is 150 MB; digits and user folders are small.
 - 'random_access': `tfds.data_source` over ArrayRecord files (ImageNet prepared with
   `--file_format=array_record`), one example read per index; nothing is held in memory.
+Sources: any TFDS name, 'digits' (data/digits.py), 'folder:/root' (image folders) and 'idx:DIR'
+(MNIST-format files, data/idx.py: Fashion-MNIST, MNIST). Splits may be sliced as in TFDS
+('train[:90%]', 'train[90%:]'), which is how a validation split is held out of 'train'.
 TFDS is never allowed to download: an unprepared dataset raises in well under a second with the
 command that prepares it.
 """
 import dataclasses
 import os
+import re
 from typing import Optional
 
 import numpy as np
@@ -19,8 +23,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from pat_jax.data import digits
+from pat_jax.data import idx
 
 FOLDER_PREFIX = 'folder:'
+IDX_PREFIX = idx.PREFIX
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif')
 _CACHE = {}
 _REGISTERED = {}
@@ -127,6 +133,50 @@ def _load_folder(root, split, class_split) -> Split:
   return Split(arr, np.asarray(labels, np.int64), len(classes)), True
 
 
+_SLICE = re.compile(r'^(\w+)\[(-?\d*)(%?):(-?\d*)(%?)\]$')
+
+
+def parse_split(split: str):
+  """'train[:90%]' -> ('train', slice) for sources TFDS does not read; a plain name -> (name, None).
+
+  Same meaning as TFDS's slicing: bounds in examples or in percent (rounded to the nearest
+  example), either may be omitted; 'train[:90%]' and 'train[90%:]' partition 'train'.
+  """
+  m = _SLICE.match(split.replace(' ', ''))
+  if not m:
+    if '[' in split:
+      raise ValueError(f'Cannot parse split {split!r}: use NAME, NAME[a:b] or NAME[a%:b%].')
+    return split, None
+  base, lo, lo_pct, hi, hi_pct = m.groups()
+  return base, (lo, lo_pct == '%', hi, hi_pct == '%')
+
+
+def _apply_slice(spec, n):
+  def bound(value, pct, default):
+    if value == '':
+      return default
+    v = int(value)
+    return int(round(v * n / 100)) if pct else v
+  lo, lo_pct, hi, hi_pct = spec
+  return slice(bound(lo, lo_pct, 0), bound(hi, hi_pct, n))
+
+
+def _load_idx(directory, split) -> Split:
+  base, spec = parse_split(split)
+  key = (IDX_PREFIX + directory, None, base)
+  if key not in _CACHE:  # the whole file once; slices of it are views
+    _CACHE[key] = Split(*idx.load(directory, base))
+  whole = _CACHE[key]
+  return _sliced(whole, spec), True
+
+
+def _sliced(whole: Split, spec) -> Split:
+  if spec is None:
+    return whole
+  sl = _apply_slice(spec, len(whole))
+  return Split(whole.images[sl], whole.labels[sl], whole.num_classes)
+
+
 def load_split(dataset_cfg, split: str) -> Split:
   """The whole split in memory, in its stable file order (cached for prepared datasets)."""
   name, data_dir = dataset_cfg.name, dataset_cfg.data_dir
@@ -136,7 +186,15 @@ def load_split(dataset_cfg, split: str) -> Split:
   if key in _CACHE:
     return _CACHE[key]
   if name.startswith(FOLDER_PREFIX):
-    result, cacheable = _load_folder(name[len(FOLDER_PREFIX):], split, dataset_cfg.train_split)
+    base, spec = parse_split(split)
+    result, cacheable = _load_folder(name[len(FOLDER_PREFIX):], base,
+                                     parse_split(dataset_cfg.train_split)[0])
+    result = _sliced(result, spec)
+  elif name.startswith(IDX_PREFIX):
+    try:
+      result, cacheable = _load_idx(name[len(IDX_PREFIX):], split)
+    except idx.IdxError as e:
+      raise DatasetNotPreparedError(str(e)) from None
   else:
     result, cacheable = _load_tfds(name, data_dir, split)
   if cacheable:  # not under tfds.testing.mock_data, whose examples change per context
@@ -191,7 +249,9 @@ def num_classes(dataset_cfg) -> int:
   if (name, dataset_cfg.train_split) in _REGISTERED:
     return _REGISTERED[(name, dataset_cfg.train_split)].num_classes
   if name.startswith(FOLDER_PREFIX):
-    return len(folder_classes(name[len(FOLDER_PREFIX):], dataset_cfg.train_split))
+    return len(folder_classes(name[len(FOLDER_PREFIX):], parse_split(dataset_cfg.train_split)[0]))
+  if name.startswith(IDX_PREFIX):
+    return load_split(dataset_cfg, dataset_cfg.train_split).num_classes
   return _builder(name, dataset_cfg.data_dir).info.features['label'].num_classes
 
 
