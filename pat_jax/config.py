@@ -36,6 +36,9 @@ def base(recipe: str = 'cnn') -> ml_collections.ConfigDict:
   c.teacher.checkpoint = ''  # pat_jax checkpoint dir (python -m pat_jax.convert) or a timm .pth/.safetensors
   c.teacher.min_top1 = 0.0  # >0: evaluate the teacher at start-up and stop below this top-1 (%)
   c.teacher.remat = False  # rematerialise the (prompted) teacher's blocks in the backward pass
+  # Where a config with teacher.pretrain (and no checkpoint) trains its teacher: '' = WORKDIR/teacher.
+  # A sweep points every run at one folder, so all its runs share one teacher.
+  c.teacher.workdir = ''
 
   c.method = ml_collections.ConfigDict()
   c.method.name = 'none'  # 'none' (supervised), 'kd'

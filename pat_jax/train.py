@@ -9,6 +9,7 @@ point resumes from its workdir and ends with the same parameters as an uninterru
 import json
 import os
 import signal
+import time
 from typing import Any, NamedTuple
 
 import flax
@@ -121,6 +122,9 @@ def make_trainer(config, mesh, num_classes, steps_per_epoch, teacher=None, teach
 # ----------------------------------------------------------------------------
 # Teacher: reloaded from its source at every start, never checkpointed.
 
+class TeacherPreempted(Exception):
+  """The teacher trained by teacher.pretrain was preempted: the run stops too (and resumes it)."""
+
 def load_teacher(config, num_classes, workdir, mesh):
   """(teacher module, variables) or (None, None) when the config has no teacher."""
   tcfg = config.teacher
@@ -128,12 +132,14 @@ def load_teacher(config, num_classes, workdir, mesh):
     return None, None
   path = tcfg.get('checkpoint') or ''
   if not path and tcfg.get('pretrain') is not None:
-    # No checkpoint given: train the teacher with teacher.pretrain into WORKDIR/teacher
-    # (resumes there like any run; skipped once finished).
-    path = os.path.join(workdir, 'teacher', 'checkpoints')
-    if not os.path.isfile(os.path.join(workdir, 'teacher', 'result.json')):
-      logging.info('No teacher.checkpoint: training the teacher into %s first.', path)
-      train_and_evaluate(tcfg.pretrain, os.path.dirname(path))
+    # No checkpoint given: train the teacher with teacher.pretrain into teacher.workdir
+    # (default WORKDIR/teacher; resumes there like any run; skipped once finished).
+    teacher_dir = os.path.abspath(tcfg.get('workdir') or os.path.join(workdir, 'teacher'))
+    path = os.path.join(teacher_dir, 'checkpoints')
+    if not os.path.isfile(os.path.join(teacher_dir, 'result.json')):
+      logging.info('No teacher.checkpoint: training the teacher into %s first.', teacher_dir)
+      if train_and_evaluate(tcfg.pretrain, teacher_dir)['status'] != 'done':
+        raise TeacherPreempted(teacher_dir)  # never distil from a half-trained teacher
   if not path or not os.path.exists(path):
     raise FileNotFoundError(
         f'teacher.checkpoint={path!r} does not exist. Get a teacher by converting timm weights '
@@ -209,7 +215,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt_every = every(config.checkpoint_every_steps)
 
   # ---- Models, optimizer, compiled step ---------------------------------------
-  teacher, teacher_vars = load_teacher(config, info.num_classes, workdir, mesh)
+  try:
+    teacher, teacher_vars = load_teacher(config, info.num_classes, workdir, mesh)
+  except TeacherPreempted as e:
+    logging.warning('Preempted while training the teacher in %s: exiting; the next start '
+                    'finishes the teacher first.', e)
+    writer.close()
+    return {'status': 'preempted', 'step': 0}
+  started = time.time()  # wall_s: this run's own time, without a teacher trained just before
   trainer = make_trainer(config, mesh, info.num_classes, steps_per_epoch, teacher, teacher_vars)
   student, shardings, train_step = trainer.student, trainer.shardings, trainer.train_step
 
@@ -218,11 +231,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, 'checkpoints'),
                                       keep=config.get('keep_checkpoints', 2))
   best = {'top1': -1.0, 'source': None, 'step': None}
+  wall_before = 0.0  # training wall time of earlier starts of this run (from the checkpoint)
   if ckpt.latest_step() is not None:
     with_shardings = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), trainer.abstract, shardings)
     state, meta = ckpt.restore(ckpt.latest_step(), with_shardings)
     best = meta.get('best', best)
+    wall_before = float(meta.get('wall_s', 0.0))
     logging.info('Resumed from %s at step %d.', ckpt.directory, int(state.step))
   else:
     state = trainer.init(rng)
@@ -255,6 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def save(state, step, top1=None):
     meta = {'step': step, 'epoch': step / steps_per_epoch, 'best': best, 'model': config.model.name,
+            'wall_s': wall_before + time.time() - started,
             'num_classes': info.num_classes,
             'overrides': {k: getattr(student, k) for k in ('img_size',) if hasattr(student, k)}}
     ckpt.save(step, state, meta, metrics=None if top1 is None else {'top1': top1}, force=True)
@@ -316,10 +332,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     result = {'status': 'done', 'step': int(state.step), 'best_top1': best['top1'],
               'best_source': best['source'], 'best_step': best['step'],
               'final_top1': last_eval['eval_top1'], 'final_ema_top1': last_eval['ema_eval_top1'],
-              'final_top5': last_eval['eval_top5']}
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, 'result.json'), 'w', encoding='utf-8') as f:
+              'final_top5': last_eval['eval_top5'], 'eval_split': config.dataset.eval_split}
+    if config.dataset.get('test_split'):  # read once, by the final students
+      test_config = config.copy_and_resolve_references()
+      with test_config.unlocked():
+        test_config.dataset.eval_split = config.dataset.test_split
+      raw, ema = evaluate.evaluate(
+          eval_step, [_student_variables(state.params, state.batch_stats), state.ema], test_config,
+          mesh)
+      result.update(test_split=config.dataset.test_split, test_top1=raw['top1'],
+                    test_ema_top1=ema['top1'], test_top5=raw['top5'])
+      logging.info('Test split %s: top-1 %.2f (EMA %.2f).', config.dataset.test_split, raw['top1'],
+                   ema['top1'])
+    result['wall_s'] = wall_before + time.time() - started
+    if jax.process_index() == 0:  # atomically: a reader never sees half a result
+      tmp = os.path.join(workdir, 'result.json.tmp')
+      with open(tmp, 'w', encoding='utf-8') as f:
         json.dump(result, f, indent=2)
+      os.replace(tmp, os.path.join(workdir, 'result.json'))
     logging.info('Done: %s', result)
     return result
   finally:

@@ -222,6 +222,25 @@ def test_teacher_at_chance_level_stops_the_run(data_dir, teacher_dir, tmp_path):
     train.train_and_evaluate(cfg, str(tmp_path / 'wd'))
 
 
+def test_preempted_teacher_stops_the_run(data_dir, tmp_path, monkeypatch):
+  """A SIGTERM while teacher.pretrain trains: the run exits as preempted, never distils from the
+  half-trained teacher; the next start finishes the teacher first."""
+  c = tiny_config(data_dir, method='kd')
+  c.teacher.update(dict(name='mini_convnext', checkpoint='', workdir=str(tmp_path / 'teacher')))
+  calls = []
+  real = train.train_and_evaluate
+
+  def fake(config, workdir):
+    if workdir == str(tmp_path / 'teacher'):
+      calls.append(workdir)
+      return {'status': 'preempted', 'step': 1}
+    return real(config, workdir)
+  monkeypatch.setattr(train, 'train_and_evaluate', fake)
+  assert real(c, str(tmp_path / 'run')) == {'status': 'preempted', 'step': 0}
+  assert calls == [str(tmp_path / 'teacher')]
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')  # no student step was taken
+
+
 def test_unknown_config_key_is_an_error(tmp_path):
   proc = subprocess.run([sys.executable, '-m', 'pat_jax.main', f'--config={REPO}/configs/digits_demo.py',
                          f'--workdir={tmp_path}', '--config.optim.lrr=0.1'],
