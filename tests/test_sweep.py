@@ -1,0 +1,147 @@
+"""pat_jax.sweep: a real tiny sweep (run, resume, skip), dry run, failures and Ctrl-C/SIGTERM."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pat_jax import sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, 'configs', 'digits_demo.py')
+# The student alone on the digits, 4 steps: a few seconds of training after compilation.
+TINY = ['--set=total_steps=4', '--set=batch_size=16', '--set=log_every_steps=1',
+        '--set=eval_every_steps=2', '--set=checkpoint_every_steps=2', '--set=model.name=mini_resnet']
+
+
+def _sweep(root, data_dir, *extra, timeout=600):
+  # Compilation dominates a 4-step run: unoptimised XLA code and a compilation cache shared by
+  # the sweeps of a test halve it (both runs of a resume still use the same flags).
+  env = dict(os.environ, JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1', TF_CPP_MIN_LOG_LEVEL='2',
+             XLA_FLAGS='--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0',
+             JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(root), 'jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  return subprocess.run([sys.executable, '-m', 'pat_jax.sweep', f'--config={CONFIG}', '--arg=none',
+                         '--seeds=0', f'--workdir={root}', *TINY, f'--set=dataset.data_dir={data_dir}',
+                         *extra], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+
+
+def _read(path):
+  with open(path, encoding='utf-8') as f:
+    return f.read()
+
+
+def test_run_then_resume_then_skip(tmp_path):
+  root, data_dir = str(tmp_path / 'root'), str(tmp_path / 'tfds')
+  rundir = os.path.join(root, 'none', 'seed0')
+  first = _sweep(root, data_dir)
+  assert first.returncode == 0, first.stdout + first.stderr + _read(os.path.join(rundir, 'log.txt'))[-3000:]
+  assert f'run none seed 0 in {rundir}' in first.stdout
+  assert 'done none seed 0: best ' in first.stdout
+  result = json.loads(_read(os.path.join(rundir, 'result.json')))
+  assert result['step'] == 4
+  config = json.loads(_read(os.path.join(rundir, 'config.json')))
+  assert config['seed'] == 0 and config['total_steps'] == 4
+  assert config['teacher']['workdir'] == os.path.join(root, 'teacher')
+
+  # Unfinished: the run "died" after its step-2 checkpoint.
+  os.remove(os.path.join(rundir, 'result.json'))
+  shutil.rmtree(os.path.join(rundir, 'checkpoints', '4'))
+  second = _sweep(root, data_dir, '--report')
+  log = _read(os.path.join(rundir, 'log.txt'))
+  assert second.returncode == 0, second.stdout + second.stderr + log[-3000:]
+  assert 'resume none seed 0' in second.stdout
+  assert 'Resumed from' in log and log.count('==== ') == 2  # one header per sweep
+  again = json.loads(_read(os.path.join(rundir, 'result.json')))
+  assert again['best_top1'] == result['best_top1'] and again['final_top1'] == result['final_top1']
+  assert '| none | 1/1 |' in second.stdout  # --report
+  assert os.path.isfile(os.path.join(root, 'report', 'accuracy.png'))
+
+  mtime = os.path.getmtime(os.path.join(rundir, 'result.json'))
+  third = _sweep(root, data_dir, timeout=120)
+  assert third.returncode == 0, third.stderr
+  assert f'skip none seed 0: done, best {result["best_top1"]:.2f}' in third.stdout
+  assert os.path.getmtime(os.path.join(rundir, 'result.json')) == mtime
+  assert _read(os.path.join(rundir, 'log.txt')).count('==== ') == 2  # nothing was started
+
+
+def test_dry_run_prints_the_commands(tmp_path, capsys):
+  root = str(tmp_path / 'root')
+  code = sweep.main(['--config=configs/x.py', '--arg=no_raa,no_afp', '--arg=fraction=0.25,student',
+                     '--arg=', '--seeds=0,2', f'--workdir={root}', '--set=num_epochs=3', '--dry_run'])
+  assert code == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  teacher = f'--config.teacher.workdir={root}/teacher'
+  assert lines == [
+      f'{sys.executable} -m pat_jax.main --config=configs/x.py:no_raa,no_afp '
+      f'--workdir={root}/no_raa+no_afp/seed0 --config.seed=0 {teacher} --config.num_epochs=3',
+      f'{sys.executable} -m pat_jax.main --config=configs/x.py:no_raa,no_afp '
+      f'--workdir={root}/no_raa+no_afp/seed2 --config.seed=2 {teacher} --config.num_epochs=3',
+      f'{sys.executable} -m pat_jax.main --config=configs/x.py:fraction=0.25,student '
+      f'--workdir={root}/fraction=0.25+student/seed0 --config.seed=0 {teacher} --config.num_epochs=3',
+      f'{sys.executable} -m pat_jax.main --config=configs/x.py:fraction=0.25,student '
+      f'--workdir={root}/fraction=0.25+student/seed2 --config.seed=2 {teacher} --config.num_epochs=3',
+      f'{sys.executable} -m pat_jax.main --config=configs/x.py '
+      f'--workdir={root}/default/seed0 --config.seed=0 {teacher} --config.num_epochs=3',
+      f'{sys.executable} -m pat_jax.main --config=configs/x.py '
+      f'--workdir={root}/default/seed2 --config.seed=2 {teacher} --config.num_epochs=3',
+  ]
+  assert not os.path.exists(root)
+
+
+def test_a_failed_run_does_not_stop_the_sweep(tmp_path, monkeypatch, capsys):
+  def fake(config, arg, seed, rundir, root, sets):
+    del config, root, sets
+    if seed == 0:
+      body = 'print("\\n".join(f"line {i}" for i in range(9))); raise SystemExit(3)'
+    else:
+      body = ('import json, sys; json.dump({"best_top1": 50.0, "final_top1": 49.0, "wall_s": 60}, '
+              f'open({os.path.join(rundir, "result.json")!r}, "w"))')
+    return [sys.executable, '-c', body, arg]
+
+  monkeypatch.setattr(sweep, 'command', fake)
+  assert sweep.run_sweep('x.py', ['a,b'], [0, 1], str(tmp_path)) == 1
+  out = capsys.readouterr().out
+  log = os.path.join(str(tmp_path), 'a+b', 'seed0', 'log.txt')
+  assert f'FAILED a+b seed 0 (exit code 3), see {log}:\n  line 4\n' in out
+  assert 'line 3' not in out and 'line 8' in out  # the last 5 lines
+  assert 'done a+b seed 1: best 50.00, final 49.00, 1.0 min' in out
+
+
+_STOPPABLE = r'''
+import os, signal, sys, time
+from pat_jax import sweep
+
+def command(config, arg, seed, rundir, root, sets):
+  # A run that checkpoints and exits 0 on SIGTERM, like pat_jax.main.
+  body = ('import signal, sys, time, pathlib; p = pathlib.Path(sys.argv[1]); '
+          'signal.signal(signal.SIGTERM, lambda *_: (p.joinpath("got_sigterm").touch(), sys.exit(0))); '
+          'p.joinpath("started").touch(); time.sleep(60)')
+  return [sys.executable, '-c', body, rundir]
+
+sweep.command = command
+sys.exit(sweep.main(sys.argv[1:]))
+'''
+
+
+def test_sigterm_stops_the_child_and_the_sweep(tmp_path):
+  root = str(tmp_path / 'root')
+  proc = subprocess.Popen([sys.executable, '-c', _STOPPABLE, '--config=x.py', '--seeds=0,1',
+                           f'--workdir={root}'], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  started = os.path.join(root, 'default', 'seed0', 'started')
+  deadline = time.time() + 60
+  while not os.path.exists(started):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=60)[0]
+  assert proc.returncode == 130, out
+  assert os.path.exists(os.path.join(root, 'default', 'seed0', 'got_sigterm'))
+  assert not os.path.exists(os.path.join(root, 'default', 'seed1'))  # no new run
+  assert 'stopped default seed 0 before the end (checkpoint saved)' in out
+
