@@ -18,7 +18,7 @@ paper's numbers (supplementary Tables 2 and 3, main table):
   :fraction=0.25 52.23 | :fraction=0.5 68.21 | :fraction=0.75 74.58
   :student,fraction=0.25 40.74 | :student,fraction=0.5 55.98 | :student,fraction=0.75 65.28
 Runtime: 117,000 steps; not measured end to end. The train step at batch 128 in bf16 took
-0.057 s on one H200 (README benchmarks), i.e. about 1.9 h of step time on one such GPU,
+0.057 s on one H200 (docs/BENCHMARKS.md), i.e. about 1.9 h of step time on one such GPU,
 input pipeline and evaluation not counted; on a 2-core CPU the batch-8 step is 2.0 s.
 Memory: batch 128 in bf16 needs 7.43 GB on that GPU (--config.dtype=bfloat16). With
 --config.model.remat=True --config.teacher.remat=True as well: 6.0 GB by the compiled step's

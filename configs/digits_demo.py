@@ -7,7 +7,8 @@ What it does: if WORKDIR/teacher holds no checkpoint, first trains a small CNN t
 (mini_convnext, supervised) on the 1,500 training digits; then distils it into a small ViT
 (mini_deit) with PAT (AFP prompts with feedback inside the teacher, RAA, KD). Images are
 upsampled from 8x8 to 32x32; the 297 test digits are the eval split.
-Expected and runtime: see the README ("Offline demo"), measured with this command.
+The comparison (teacher, student alone, KD, PAT in one command): python -m pat_jax.demo.
+Expected and runtime: docs/RESULTS.md ("pat_jax's digits demo"), measured with these commands.
 Arguments: `--config=configs/digits_demo.py:kd` distils with plain KD, `:none` trains the
 student alone (the baselines, for comparison).
 """

@@ -9,7 +9,7 @@ warm-up epochs from 5e-7, weight decay 0.05, clip 5, RandAugment rand-m9-mstd0.5
 Expected: 68.00% top-1 (paper Table 1, DeiT-T from scratch; best of raw/EMA over epochs).
 Runtime: 300 epochs x 390 steps; not measured end to end. The bf16 step at batch 128 took
 0.0173 s on one H200 (about 34 min of step time for the run); about 0.55 s at batch 8 on a
-2-core CPU (README benchmarks).
+2-core CPU (docs/BENCHMARKS.md).
 """
 from pat_jax import config as base_config
 from pat_jax import data

@@ -6,7 +6,7 @@
 The benchmark feeds synthetic arrays and never runs the input pipeline, but `pat_jax.data`
 imports TensorFlow and TFDS at module level; this puts permissive stand-ins for both in
 sys.modules first. Training and evaluation need the real packages (README set-up). The GPU
-table in README.md was measured this way.
+table in docs/BENCHMARKS.md was measured this way.
 """
 import runpy
 import sys
