@@ -76,20 +76,14 @@ def test_dry_run_prints_the_commands(tmp_path, capsys):
   assert code == 0
   lines = capsys.readouterr().out.strip().splitlines()
   teacher = f'--config.teacher.workdir={root}/teacher'
-  assert lines == [
-      f'{sys.executable} -m pat_jax.main --config=configs/x.py:no_raa,no_afp '
-      f'--workdir={root}/no_raa+no_afp/seed0 --config.seed=0 {teacher} --config.num_epochs=3',
-      f'{sys.executable} -m pat_jax.main --config=configs/x.py:no_raa,no_afp '
-      f'--workdir={root}/no_raa+no_afp/seed2 --config.seed=2 {teacher} --config.num_epochs=3',
-      f'{sys.executable} -m pat_jax.main --config=configs/x.py:fraction=0.25,student '
-      f'--workdir={root}/fraction=0.25+student/seed0 --config.seed=0 {teacher} --config.num_epochs=3',
-      f'{sys.executable} -m pat_jax.main --config=configs/x.py:fraction=0.25,student '
-      f'--workdir={root}/fraction=0.25+student/seed2 --config.seed=2 {teacher} --config.num_epochs=3',
-      f'{sys.executable} -m pat_jax.main --config=configs/x.py '
-      f'--workdir={root}/default/seed0 --config.seed=0 {teacher} --config.num_epochs=3',
-      f'{sys.executable} -m pat_jax.main --config=configs/x.py '
-      f'--workdir={root}/default/seed2 --config.seed=2 {teacher} --config.num_epochs=3',
-  ]
+  def line(arg, seed):
+    folder = arg.replace(',', '+') or 'default'
+    config = f'configs/x.py:{arg}' if arg else 'configs/x.py'
+    return (f'{sys.executable} -m pat_jax.main --config={config} --workdir={root}/{folder}/seed{seed} '
+            f'--config.seed={seed} {teacher} --config.num_epochs=3')
+  # Seed-major: every argument at seed 0 first, so a grid stopped half-way holds paired runs.
+  assert lines == [line(arg, seed) for seed in (0, 2)
+                   for arg in ('no_raa,no_afp', 'fraction=0.25,student', '')]
   assert not os.path.exists(root)
 
 
@@ -145,3 +139,21 @@ def test_sigterm_stops_the_child_and_the_sweep(tmp_path):
   assert not os.path.exists(os.path.join(root, 'default', 'seed1'))  # no new run
   assert 'stopped default seed 0 before the end (checkpoint saved)' in out
 
+
+
+def test_progress_line_reads_the_newest_metrics(tmp_path):
+  rundir = str(tmp_path)
+  assert sweep._progress(rundir) is None  # nothing written yet
+  rows = [{'step': 20, 'train_loss': 2.5, 'epoch': 1.0, 'eta_s': 130.0},
+          {'step': 20, 'eval_top1': 40.0, 'ema_eval_top1': 45.5, 'epoch': 1.0},
+          {'step': 40, 'train_loss': 1.25, 'epoch': 2.0, 'eta_s': 65.0}]
+  with open(os.path.join(rundir, 'metrics.jsonl'), 'w', encoding='utf-8') as f:
+    f.write(''.join(json.dumps(r) + '\n' for r in rows))
+  assert sweep._progress(rundir) == 'epoch 2.0, loss 1.250, eval top-1 45.5, ETA 1:05'
+
+
+def test_runs_share_a_compilation_cache(tmp_path, monkeypatch):
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
+  assert sweep._child_env(str(tmp_path))['JAX_COMPILATION_CACHE_DIR'] == str(tmp_path / '.jax_cache')
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/elsewhere')  # the user's choice wins
+  assert sweep._child_env(str(tmp_path))['JAX_COMPILATION_CACHE_DIR'] == '/elsewhere'
