@@ -125,6 +125,7 @@ def make_trainer(config, mesh, num_classes, steps_per_epoch, teacher=None, teach
 class TeacherPreempted(Exception):
   """The teacher trained by teacher.pretrain was preempted: the run stops too (and resumes it)."""
 
+
 def load_teacher(config, num_classes, workdir, mesh):
   """(teacher module, variables) or (None, None) when the config has no teacher."""
   tcfg = config.teacher
