@@ -161,15 +161,6 @@ def _apply_slice(spec, n):
   return slice(bound(lo, lo_pct, 0), bound(hi, hi_pct, n))
 
 
-def _load_idx(directory, split) -> Split:
-  base, spec = parse_split(split)
-  key = (IDX_PREFIX + directory, None, base)
-  if key not in _CACHE:  # the whole file once; slices of it are views
-    _CACHE[key] = Split(*idx.load(directory, base))
-  whole = _CACHE[key]
-  return _sliced(whole, spec), True
-
-
 def _sliced(whole: Split, spec) -> Split:
   if spec is None:
     return whole
@@ -185,14 +176,16 @@ def load_split(dataset_cfg, split: str) -> Split:
   key = (name, data_dir, split)
   if key in _CACHE:
     return _CACHE[key]
-  if name.startswith(FOLDER_PREFIX):
+  if name.startswith((FOLDER_PREFIX, IDX_PREFIX)):  # TFDS slices its own splits
     base, spec = parse_split(split)
-    result, cacheable = _load_folder(name[len(FOLDER_PREFIX):], base,
+    if spec is not None:  # a slice of the whole split, which is read (and cached) once
+      return _sliced(load_split(dataset_cfg, base), spec)
+  if name.startswith(FOLDER_PREFIX):
+    result, cacheable = _load_folder(name[len(FOLDER_PREFIX):], split,
                                      parse_split(dataset_cfg.train_split)[0])
-    result = _sliced(result, spec)
   elif name.startswith(IDX_PREFIX):
     try:
-      result, cacheable = _load_idx(name[len(IDX_PREFIX):], split)
+      result, cacheable = Split(*idx.load(name[len(IDX_PREFIX):], split)), True
     except idx.IdxError as e:
       raise DatasetNotPreparedError(str(e)) from None
   else:
