@@ -5,15 +5,44 @@ items: `variables` ({'params', 'batch_stats'?}) and `meta` (JSON: model name,
 num_classes, where the weights came from). `pat_jax.convert` writes them; teachers
 and `--mode=eval` read them with `load_variables`.
 """
+import errno
 import os
+import shutil
+import time
 from typing import Any, Dict, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(ValueError):
   """A checkpoint directory that is missing, empty or unreadable."""
+
+
+class DiskFullError(OSError):
+  """No room to write a checkpoint: the earlier steps are intact, the run can resume later."""
+
+  def __init__(self, message):
+    super().__init__(message)
+    self.errno = errno.ENOSPC
+
+
+# What a full disk, a quota or a file-size limit looks like once tensorstore or orbax has
+# wrapped the OSError into another exception type.
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NO_SPACE_TEXT = ('No space left on device', 'Disk quota exceeded', 'File too large')
+
+
+def _is_no_space(e: BaseException) -> bool:
+  while e is not None:
+    if isinstance(e, OSError) and e.errno in _NO_SPACE_ERRNOS:
+      return True
+    if any(t in str(e) for t in _NO_SPACE_TEXT):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def save_variables(directory: str, variables: Dict[str, Any], meta: Dict[str, Any],
@@ -130,8 +159,11 @@ def items_to_state(items, like):
 class TrainCheckpointer:
   """orbax CheckpointManager keeping the latest `keep` steps and the best-accuracy one.
 
-  Saves are asynchronous; orbax writes each step to a temporary folder and renames
-  it when complete, so a crash mid-save never replaces a good checkpoint.
+  Saves are asynchronous; orbax writes each step to a temporary folder and renames it when
+  complete, so a crash (even SIGKILL) mid-save never replaces a good checkpoint; leftover
+  temporary folders are removed at the next start. A damaged newest step is moved aside to
+  `damaged/` and the newest whole one restored (`restore_latest`); a full disk is a
+  `DiskFullError` that names the folder and the bytes needed.
   """
 
   def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
@@ -142,17 +174,51 @@ class TrainCheckpointer:
     ])
     self.directory = os.path.abspath(directory)
     self.mngr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-        create=True, preservation_policy=policy, enable_async_checkpointing=async_save))
+        create=True, preservation_policy=policy, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True))
+    self._pending = (None, None)  # (step, bytes) of the last save, for a full-disk message
 
   def latest_step(self) -> Optional[int]:
     return self.mngr.latest_step()
 
+  def all_steps(self):
+    return sorted(self.mngr.all_steps())
+
   def save(self, step: int, state, meta: Dict[str, Any], metrics: Optional[Dict[str, float]] = None,
            force: bool = False) -> bool:
     items = state_to_items(state)
+    self._check_free_space(step, items)
+    self._pending = (step, _nbytes(items))
     args = ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()},
                               meta=ocp.args.JsonSave(meta))
-    return self.mngr.save(step, args=args, metrics=metrics, force=force)
+    try:  # also raises the error of the previous asynchronous save, if it failed
+      return self.mngr.save(step, args=args, metrics=metrics, force=force)
+    except Exception as e:
+      self._raise_if_no_space(e, *self._pending)
+      raise
+
+  def _check_free_space(self, step, items):
+    """Refuses to start a save the disk cannot hold (a local workdir; remote ones are not asked)."""
+    needed = _nbytes(items)
+    try:
+      free = shutil.disk_usage(self.directory).free
+    except OSError:
+      return
+    if free < needed + (16 << 20):  # metadata, the JSON meta and a margin
+      raise DiskFullError(self._no_space_message(step, needed, free))
+
+  def _no_space_message(self, step, needed, free=None):
+    latest = max([s for s in self.mngr.all_steps() if s != step], default=None)
+    free = (f'{free / 2**20:.1f} MiB are free' if free is not None
+            else 'the disk, a quota or a file-size limit ran out')
+    return (f'No room to save checkpoint step {step} in {self.directory}: it needs about '
+            f'{needed / 2**20:.1f} MiB ({needed} bytes) and {free}. The earlier checkpoints are '
+            f'intact (newest: step {latest}). Free space in (or move) the workdir and start the '
+            f'same command again: the run resumes from step {latest}.')
+
+  def _raise_if_no_space(self, e, step, needed):
+    if _is_no_space(e):
+      raise DiskFullError(self._no_space_message(step, needed)) from e
 
   def restore(self, step: int, abstract_state):
     """Restores onto `abstract_state`'s shardings (the current mesh, whatever it was at save)."""
@@ -164,18 +230,77 @@ class TrainCheckpointer:
     except Exception as e:
       raise CheckpointError(
           f'Cannot restore step {step} from {self.directory}: {type(e).__name__}: '
-          f'{str(e).splitlines()[0][:400]}. If the run configuration changed (model, method, '
-          f'optimizer), use a new workdir; if the step is damaged, delete that step folder to '
-          f'resume from the previous one.') from e
+          f'{str(e).splitlines()[0][:400]}.') from e
     state = items_to_state({k: restored[k] for k in abstract}, abstract_state)
     return state, restored['meta']
+
+  def restore_latest(self, abstract_state, strict: bool = False):
+    """(state, meta, step) of the newest step that restores, newest first.
+
+    Steps newer than that one are damaged (a truncated or missing file, garbage JSON): each is
+    moved to `damaged/<step>` (never deleted) with a warning naming it and its error. When no
+    step restores (e.g. the configuration changed), nothing is moved and the newest step's error
+    is raised; so it is with `strict`, at the first failure.
+    """
+    failed = []
+    for step in sorted(self.mngr.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except CheckpointError as e:
+        if strict:
+          raise CheckpointError(
+              f'{e} checkpoint_strict=True, so the run does not fall back to an older step: move '
+              f'that step folder away (or set checkpoint_strict=False) to resume from the previous '
+              f'one; if the run configuration changed, use a new workdir.') from e
+        logging.warning('Checkpoint step %d is damaged, trying the previous one: %s', step, e)
+        failed.append((step, e))
+        continue
+      for bad, error in failed:
+        self._move_aside(bad, error)
+      if failed:
+        self.mngr.reload()
+      return state, meta, step
+    if not failed:
+      raise CheckpointError(f'{self.directory} holds no checkpoint to restore.')
+    newest_error = failed[0][1]
+    raise CheckpointError(
+        f'{newest_error} No older step restores either (tried steps {[s for s, _ in failed]}), '
+        f'so nothing was moved or deleted. If the run configuration changed (model, method, '
+        f'optimizer), use a new workdir for it.') from newest_error
+
+  def _move_aside(self, step, error):
+    """checkpoints/<step> -> checkpoints/damaged/<step>[.N], with the reason beside it."""
+    if jax.process_index() == 0:
+      source = os.path.join(self.directory, str(step))
+      target_dir = os.path.join(self.directory, 'damaged')
+      os.makedirs(target_dir, exist_ok=True)
+      target, n = os.path.join(target_dir, str(step)), 1
+      while os.path.exists(target):
+        target, n = os.path.join(target_dir, f'{step}.{n}'), n + 1
+      os.rename(source, target)
+      with open(target + '.reason.txt', 'w', encoding='utf-8') as f:
+        f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")}: {error}\n')
+      logging.warning('Moved damaged checkpoint step %d aside to %s (not deleted).', step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'pat_jax_damaged_{step}')
 
   def reached_preemption(self, step: int) -> bool:
     return self.mngr.reached_preemption(step)
 
   def wait(self):
-    self.mngr.wait_until_finished()
+    """Waits for the asynchronous save; raises its error (a full disk as DiskFullError)."""
+    try:
+      self.mngr.wait_until_finished()
+    except Exception as e:
+      self._raise_if_no_space(e, *self._pending)
+      raise
 
   def close(self):
-    self.mngr.wait_until_finished()
-    self.mngr.close()
+    try:
+      self.wait()
+    finally:
+      self.mngr.close()
+
+
+def _nbytes(tree) -> int:
+  return int(sum(getattr(x, 'nbytes', 0) for x in jax.tree_util.tree_leaves(tree)))

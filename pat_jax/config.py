@@ -57,6 +57,13 @@ def base(recipe: str = 'cnn') -> ml_collections.ConfigDict:
   c.eval_every_steps = 0  # 0: once per epoch, as the original
   c.checkpoint_every_steps = 0  # 0: once per epoch
   c.keep_checkpoints = 2  # latest N, plus the best-accuracy one
+  # A newest checkpoint that cannot be restored is moved to checkpoints/damaged/ and the newest
+  # whole one restored; True: stop with the error instead (a person decides).
+  c.checkpoint_strict = False
+  # N > 0: an update whose loss or gradient is not finite is skipped (the state stays as it was,
+  # the step counts) up to N times in the run, then the run stops; 0: stop at the first one.
+  c.skip_nonfinite_steps = 0
+  c.debug_nan_at_step = 0  # tests of the above: the first loss term is NaN at this step (0: off)
   c.ema_decay = 0.9998
   c.dtype = 'float32'  # compute dtype of student and teacher: 'float32' or 'bfloat16'
   c.num_devices = 0  # 0: all devices; N: the first N (single process)

@@ -5,6 +5,7 @@ JSON line {"top1", "top5", "num_examples", "step"} for --checkpoint (default: DI
 training workdir/checkpoint folder or a `pat_jax.convert` output.
 """
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -13,7 +14,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from pat_jax import evaluate, sharding, train, xla_cpu
+from pat_jax import checkpoint, evaluate, sharding, train, xla_cpu
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
@@ -46,7 +47,15 @@ def main(argv):
     return
   if not FLAGS.workdir:
     raise app.UsageError('Training needs --workdir.')
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except checkpoint.DiskFullError as e:
+    # One paragraph, last on the console: not orbax's writer threads failing at interpreter exit.
+    logging.error('%s', e)
+    logging.flush()
+    sys.stderr.write(f'\nerror: {e}\n')
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':

@@ -7,16 +7,55 @@ import jax
 from absl import logging
 
 
-class MetricWriter:
-  """One JSON object per write (always with `step`) to metrics.jsonl, and TensorBoard scalars."""
+def _kind(row: dict) -> str:
+  return 'eval' if 'eval_top1' in row else 'train'
 
-  def __init__(self, workdir: str):
+
+def _keep_rows_through(path: str, resume_step: int) -> set:
+  """Drops the rows of metrics.jsonl logged after `resume_step` (and repeats, and a torn last
+  line) by a run that died later; returns the (step, kind) pairs kept. Rewritten atomically."""
+  if not os.path.exists(path):
+    return set()
+  kept, seen, dropped = [], set(), 0
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+        key = (int(row['step']), _kind(row))
+      except (ValueError, KeyError, TypeError):
+        dropped += 1
+        continue
+      if key[0] > resume_step or key in seen:
+        dropped += 1
+        continue
+      seen.add(key)
+      kept.append(line if line.endswith('\n') else line + '\n')
+  if dropped:
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+      f.writelines(kept)
+    os.replace(path + '.tmp', path)
+    logging.info('metrics.jsonl: dropped %d rows logged after step %d (resumed there).', dropped,
+                 resume_step)
+  return seen
+
+
+class MetricWriter:
+  """One JSON object per write (always with `step`) to metrics.jsonl, and TensorBoard scalars.
+
+  metrics.jsonl holds at most one training row and one evaluation row per step: a run resumed
+  at `resume_step` first drops the rows a previous start logged after it, and a row that is
+  already there is not written again (e.g. the evaluation of a run resumed at its last step).
+  """
+
+  def __init__(self, workdir: str, resume_step: int = 0):
     self.active = jax.process_index() == 0
     self._tb = None
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._file = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    self._seen = _keep_rows_through(path, resume_step)
+    self._file = open(path, 'a', encoding='utf-8')
     try:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       tf.config.set_visible_devices([], 'GPU')
@@ -30,6 +69,9 @@ class MetricWriter:
       return
     row = {'step': int(step), **{k: float(v) if not isinstance(v, (str, bool)) else v
                                  for k, v in metrics.items()}}
+    if (row['step'], _kind(row)) in self._seen:
+      return
+    self._seen.add((row['step'], _kind(row)))
     self._file.write(json.dumps(row) + '\n')
     self._file.flush()
     if self._tb is not None:

@@ -94,11 +94,18 @@ def make_trainer(config, mesh, num_classes, steps_per_epoch, teacher=None, teach
   shardings = shardings.replace(method_state=method.state_shardings(abstract.method_state, mesh))
   init = lambda rng: jax.jit(init_state, out_shardings=shardings)(rng, teacher_vars)  # pylint: disable=unnecessary-lambda-assignment
 
+  skip_nonfinite = config.get('skip_nonfinite_steps', 0) > 0
+  nan_at_step = config.get('debug_nan_at_step', 0)
+
   def train_step(state, batch, teacher_vars, first=False):
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
       out = method(params, state.batch_stats, state.method_state, teacher_vars, batch, rng, first)
+      if nan_at_step:  # fault-handling tests: a NaN in the first loss term at that step
+        name = sorted(out.terms)[0]
+        poisoned = out.terms[name] * jnp.where(state.step + 1 == nan_at_step, jnp.nan, 1.0)
+        out = out._replace(terms={**out.terms, name: poisoned})
       return sum(out.terms.values()), out
 
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -106,11 +113,16 @@ def make_trainer(config, mesh, num_classes, steps_per_epoch, teacher=None, teach
     params = optax.apply_updates(state.params, updates)
     ema = optim.ema_update(state.ema, _student_variables(params, out.batch_stats), config.ema_decay)
     labels = jnp.argmax(batch['label'], -1)
-    step_metrics = {'train_loss': loss, 'lr': lr_fn(state.step), 'grad_norm': optax.tree.norm(grads),
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    step_metrics = {'train_loss': loss, 'lr': lr_fn(state.step), 'grad_norm': grad_norm,
                     'train_top1': 100 * jnp.mean(jnp.argmax(out.logits, -1) == labels),
-                    **{f'loss_{k}': v for k, v in out.terms.items()}}
+                    **{f'loss_{k}': v for k, v in out.terms.items()}, 'finite': finite}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=out.batch_stats,
                               opt_state=opt_state, ema=ema, method_state=out.state)
+    if skip_nonfinite:  # a bad update leaves everything but the step (= the data position) as it was
+      kept = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+      new_state = kept.replace(step=new_state.step)
     return new_state, step_metrics
 
   # `first` (static): the run's very first step, compiled separately and only when used.
@@ -204,7 +216,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.get('num_devices', 0))
   rep = sharding.replicated(mesh)
-  writer = metrics.MetricWriter(workdir)
 
   # ---- Data ----------------------------------------------------------------
   info = data.get_info(config)
@@ -221,7 +232,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   except TeacherPreempted as e:
     logging.warning('Preempted while training the teacher in %s: exiting; the next start '
                     'finishes the teacher first.', e)
-    writer.close()
     return {'status': 'preempted', 'step': 0}
   started = time.time()  # wall_s: this run's own time, without a teacher trained just before
   trainer = make_trainer(config, mesh, info.num_classes, steps_per_epoch, teacher, teacher_vars)
@@ -233,12 +243,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       keep=config.get('keep_checkpoints', 2))
   best = {'top1': -1.0, 'source': None, 'step': None}
   wall_before = 0.0  # training wall time of earlier starts of this run (from the checkpoint)
+  skipped = []  # steps whose non-finite update was skipped (skip_nonfinite_steps)
   if ckpt.latest_step() is not None:
     with_shardings = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), trainer.abstract, shardings)
-    state, meta = ckpt.restore(ckpt.latest_step(), with_shardings)
+    # The newest whole step; damaged newer ones are moved to checkpoints/damaged/ (not deleted).
+    state, meta, _ = ckpt.restore_latest(with_shardings, strict=config.get('checkpoint_strict', False))
     best = meta.get('best', best)
     wall_before = float(meta.get('wall_s', 0.0))
+    skipped = list(meta.get('skipped_nonfinite', []))
     logging.info('Resumed from %s at step %d.', ckpt.directory, int(state.step))
   else:
     state = trainer.init(rng)
@@ -252,6 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           ema=student_vars, opt_state=jax.jit(trainer.tx.init, out_shardings=rep)(
               {**state.params, 'student': student_vars['params']}))
   start_step = int(state.step)
+  # Rows logged after the restored step (by a run that died later) are dropped: one row per step.
+  writer = metrics.MetricWriter(workdir, resume_step=start_step)
 
   eval_step = evaluate.make_eval_step(student)
 
@@ -271,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def save(state, step, top1=None):
     meta = {'step': step, 'epoch': step / steps_per_epoch, 'best': best, 'model': config.model.name,
-            'wall_s': wall_before + time.time() - started,
+            'wall_s': wall_before + time.time() - started, 'skipped_nonfinite': skipped,
             'num_classes': info.num_classes,
             'overrides': {k: getattr(student, k) for k in ('img_size',) if hasattr(student, k)}}
     ckpt.save(step, state, meta, metrics=None if top1 is None else {'top1': top1}, force=True)
@@ -300,15 +315,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('Training %s (%s) for %d steps (%d per epoch) from step %d on %d devices.',
                config.model.name, config.method.name, total_steps, steps_per_epoch, start_step,
                mesh.devices.size)
+  max_skipped = config.get('skip_nonfinite_steps', 0)
+
+  def check_finite(step, step_metrics):
+    """Every step's update is checked (one step late, so the device never waits on the host)."""
+    if bool(jax.device_get(step_metrics['finite'])):
+      return
+    row = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != 'finite'}
+    bad = sorted(k for k, v in row.items() if not np.isfinite(v))
+    values = ', '.join(f'{k}={row[k]:.4g}' for k in sorted(row) if k.startswith('loss_') or
+                       k in ('train_loss', 'grad_norm'))
+    if len(skipped) < max_skipped:
+      skipped.append(step)
+      logging.warning('Non-finite %s at step %d: update skipped (%d of skip_nonfinite_steps=%d). '
+                      '%s', ', '.join(bad), step, len(skipped), max_skipped, values)
+      return
+    raise FloatingPointError(
+        f'Non-finite {", ".join(bad)} at step {step} ({values}). '
+        + (f'{len(skipped)} such updates were skipped before (steps {skipped}), the most '
+           f'skip_nonfinite_steps={max_skipped} allows. ' if max_skipped else '')
+        + f'Its state was not saved: the newest checkpoint ({ckpt.directory}, step '
+        f'{ckpt.latest_step()}) is from before it. Lower the learning rate or turn on gradient '
+        f'clipping (optim.clip_grad), or set skip_nonfinite_steps=N to skip up to N bad updates.')
+
+  unchecked = None  # (step, metrics) whose finiteness is not checked yet
+  failed = False
   try:
     for step in range(start_step + 1, total_steps + 1):
       batch = sharding.global_batch(next(train_iter), mesh)
       state, step_metrics = train_step(state, batch, teacher_vars, first=(step == 1))
+      if unchecked is not None:
+        check_finite(*unchecked)
+      unchecked = (step, step_metrics)
 
       if step % log_every == 0 or step == total_steps:
-        row = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        if not np.isfinite(row['train_loss']):
-          raise FloatingPointError(f'Non-finite loss at step {step}: {row}')
+        check_finite(*unchecked)
+        unchecked = None
+        row = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != 'finite'}
+        if max_skipped:
+          row['skipped_nonfinite'] = len(skipped)
         row.update(progress.update(step), epoch=step / steps_per_epoch)
         writer.write(step, row)
         logging.info('step %d/%d (epoch %.2f) loss %.4f lr %.3g %.1f img/s ETA %s', step,
@@ -319,9 +364,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % eval_every == 0 or step == total_steps:
         last_eval, top1 = run_eval(state, step)
       if top1 is not None or step % ckpt_every == 0 or step == total_steps:
+        if unchecked is not None:  # never save a state that a non-finite update produced
+          check_finite(*unchecked)
+          unchecked = None
         save(state, step, top1)
       if should_stop(step):
         if step % ckpt_every and top1 is None and step != total_steps:
+          if unchecked is not None:
+            check_finite(*unchecked)
+            unchecked = None
           save(state, step)
         ckpt.wait()
         logging.warning('Preempted at step %d: checkpoint saved, exiting.', step)
@@ -330,10 +381,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- Final report ----------------------------------------------------------
     if last_eval is None:  # resumed at the end: evaluate what was restored
       last_eval, _ = run_eval(state, int(state.step))
+    ckpt.wait()  # the last checkpoint is on disk (or its error raised) before the run says done
     result = {'status': 'done', 'step': int(state.step), 'best_top1': best['top1'],
               'best_source': best['source'], 'best_step': best['step'],
               'final_top1': last_eval['eval_top1'], 'final_ema_top1': last_eval['ema_eval_top1'],
               'final_top5': last_eval['eval_top5'], 'eval_split': config.dataset.eval_split}
+    if max_skipped:
+      result['skipped_nonfinite'] = skipped
     if config.dataset.get('test_split'):  # read once, by the final students
       test_config = config.copy_and_resolve_references()
       with test_config.unlocked():
@@ -353,8 +407,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       os.replace(tmp, os.path.join(workdir, 'result.json'))
     logging.info('Done: %s', result)
     return result
+  except BaseException:
+    failed = True
+    raise
   finally:
-    ckpt.close()
+    if not failed:
+      ckpt.close()  # waits for the last save; raises its error
+    else:
+      try:  # the error in flight is the one to report
+        ckpt.close()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.error('Also, closing the checkpointer failed: %s', e)
     writer.close()
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)

@@ -2,12 +2,21 @@
 
 These variables must be set before jax (or huggingface_hub) is first imported.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# One persistent compilation cache for the session, inherited by the subprocess runs: the many
+# tiny runs compile the same programs again and again (a hit loads the same executable).
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix='pat_jax_tests_jax_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 # torchvision (through timm) must be imported before TensorFlow: the other order segfaults here.
 import timm  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import
