@@ -60,7 +60,9 @@ def verdict(results):
              f'(PAT {ORIGINAL["pat"][0]:.1f} vs KD {ORIGINAL["kd"][0]:.1f} vs alone '
              f'{ORIGINAL["none"][0]:.1f} over {ORIGINAL_SEEDS} seeds), and one seed moves a '
              'result by several points (297 test images). ')
-  text += 'Where PAT helps and where not, on Fashion-MNIST over 3 seeds: docs/RESULTS.md.'
+  text += ('On Fashion-MNIST over 3 seeds (docs/RESULTS.md), PAT is the best of the three with an '
+           'MLP student (+2.7 points over the student alone, +1.1 to +1.5 over KD) but not with '
+           'a ViT student like this one.')
   return text
 
 
