@@ -6,9 +6,12 @@ Adapted from the digits cross-check harness (shared/peer/digits_crosscheck/commo
   RandomResizedCropAndInterpolation(32, scale (0.5, 1), ratio (3/4, 4/3), interpolation 'random')
   on the 28x28 PIL image, then a horizontal flip with p 0.5; eval = PIL bilinear resize 28 -> 32
   (crop_pct 1.0); both then (x - 255*mean) / (255*std) with mean 0.2860, std 0.3530 on 3 channels.
-- models: timm 0.6.5 ConvNeXt(depths (1,1,2,1), dims (16,24,32,48)) teacher and
-  VisionTransformer(img 32, patch 4, embed 32, depth 4, heads 2) student, with the original
-  repo's custom forwards (custom_forward.register_new_forward).
+- models: timm 0.6.5 ConvNeXt(depths (1,1,2,1), dims (16,24,32,48)) teacher and one of two
+  students (`make_student(name)`): 'mini_deit' = VisionTransformer(img 32, patch 4, embed 32,
+  depth 4, heads 2), or 'mini_resmlp' = MlpMixer(img 32, patch 4, embed 32, 4 blocks, mlp_ratio 4,
+  block_layer ResBlock, norm_layer Affine), i.e. timm 0.6.5's resmlp_12_224 recipe at pat_jax's
+  mini_resmlp size; all with the original repo's custom forwards
+  (custom_forward.register_new_forward).
 """
 import os
 import random
@@ -27,6 +30,7 @@ if PAT_SRC not in sys.path:
 import timm  # noqa: E402,F401
 from timm.data.transforms import RandomResizedCropAndInterpolation  # noqa: E402
 from timm.models.convnext import ConvNeXt  # noqa: E402
+from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 from custom_forward import register_new_forward  # noqa: E402  (original repo)
@@ -122,12 +126,44 @@ def _mini_vit_stage_info(self, stage):
   raise RuntimeError(f'Stage {stage} out of range (1-4)')
 
 
-def make_student():
-  s = VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2,
-                        num_classes=10)
-  s.pretrained_cfg = s.default_cfg = {'architecture': 'mini_deit'}
+def _mini_resmlp_stage_info(self, stage):
+  """ADAPTATION: the original MlpMixer stage_info (custom_forward/mlp_mixer.py) only knows
+  mixer_b16_224 and resmlp_12_224 (12 blocks, taps after blocks 1,3,9,11, shape (196, 384)).
+  For the 4-block mini ResMLP the taps are after blocks 0,1,2,3, each (64, 32): the raw block
+  outputs of the original's forward_features(requires_feat=True) (before the final Affine norm;
+  no cls token, 64 = 8x8 is square, so PAT removes no token). Index -1 (the pooled, normed
+  features) keeps the original's meaning. pat_jax taps the same points
+  (pat_jax/models/resmlp.py, stage_ends=(0,1,2,3))."""
+  shape = (self.stem.num_patches, self.embed_dim)
+  if stage in (1, 2, 3, 4):
+    return stage - 1, shape
+  if stage == -1:
+    return -1, self.embed_dim
+  raise RuntimeError(f'Stage {stage} out of range (1-4)')
+
+
+STUDENTS = ('mini_deit', 'mini_resmlp')
+
+
+def make_student(name='mini_deit'):
+  """pat_jax's miniature students (pat_jax/models/__init__.py registry), as timm 0.6.5 builds them.
+  mini_deit: 54,890 parameters; mini_resmlp: 52,778 (same as pat_jax's count of each)."""
+  if name == 'mini_deit':
+    s = VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2,
+                          num_classes=10)
+    info = _mini_vit_stage_info
+  elif name == 'mini_resmlp':
+    # timm 0.6.5 resmlp_12_224: MlpMixer(patch_size=16, num_blocks=12, embed_dim=384, mlp_ratio=4,
+    # block_layer=ResBlock, norm_layer=Affine) (stem_norm False, global_pool 'avg', drop 0,
+    # init_values 1e-4 for ls1/ls2), here at pat_jax's mini_resmlp size.
+    s = MlpMixer(num_classes=10, img_size=32, patch_size=4, num_blocks=4, embed_dim=32,
+                 mlp_ratio=4, block_layer=ResBlock, norm_layer=Affine, stem_norm=False)
+    info = _mini_resmlp_stage_info
+  else:
+    raise ValueError(f'unknown student {name!r}; one of {STUDENTS}')
+  s.pretrained_cfg = s.default_cfg = {'architecture': name}
   register_new_forward(s)
-  s.stage_info = types.MethodType(_mini_vit_stage_info, s)
+  s.stage_info = types.MethodType(info, s)
   return s
 
 

@@ -1,8 +1,13 @@
 """Tables for README.md from the run JSONs (train_torch.py), next to pat_jax's own miniature runs.
 
-  python3 summarize.py [RUNS_DIR]   (default $XCHECK_DATA/runs); copies the JSONs to ./results/
-Env: PAT_JAX_MINIATURE (optional, default ../../workdirs/miniature/vit): pat_jax's runs
-{student,kd,default}/seedN/result.json, tabulated alongside when present.
+  python3 summarize.py [RUNS_DIR]                        ViT student (mini_deit), as before
+  STUDENT=mini_resmlp python3 summarize.py [RUNS_DIR]    MLP student (mini_resmlp)
+Env: STUDENT (mini_deit, the default, or mini_resmlp; as run_all.sh) picks the defaults:
+  RUNS_DIR   $XCHECK_DATA/runs            | $XCHECK_DATA/runs_mlp
+  results    ./results/ (JSONs copied)    | ./results/mlp/
+  PAT_JAX_MINIATURE (pat_jax's runs {student,kd,default}/seedN/result.json, tabulated alongside
+  when present)  ../../workdirs/miniature/vit | ../../workdirs/miniature/mlp
+PAT_JAX_MINIATURE and RESULTS_DIR override the last two.
 All accuracies are top-1 %: "best" and "final" on the 6,000-image validation split (best = max over
 epochs of max(raw, EMA)), "test" = the final students on the 10,000-image test split.
 """
@@ -15,15 +20,25 @@ import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUNS = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.environ['XCHECK_DATA'], 'runs')
-JAX = os.environ.get('PAT_JAX_MINIATURE', os.path.join(HERE, '..', '..', 'workdirs', 'miniature', 'vit'))
-os.makedirs(os.path.join(HERE, 'results'), exist_ok=True)
+STUDENT = os.environ.get('STUDENT', 'mini_deit')
+if STUDENT not in ('mini_deit', 'mini_resmlp'):
+  sys.exit(f'unknown STUDENT={STUDENT!r} (mini_deit or mini_resmlp)')
+SUFFIX, JAX_SUB, RES_SUB = {'mini_deit': ('', 'vit', ''), 'mini_resmlp': ('_mlp', 'mlp', 'mlp')}[STUDENT]
+RUNS = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.environ['XCHECK_DATA'], 'runs' + SUFFIX)
+JAX = os.environ.get('PAT_JAX_MINIATURE', os.path.join(HERE, '..', '..', 'workdirs', 'miniature', JAX_SUB))
+RESULTS = os.environ.get('RESULTS_DIR', os.path.join(HERE, 'results', RES_SUB))
+os.makedirs(RESULTS, exist_ok=True)
 
 runs = {}
 for p in sorted(glob.glob(os.path.join(RUNS, '*.json'))):
   r = json.load(open(p))
+  if 'method' not in r:
+    continue
+  # Run JSONs from before --student existed are ViT runs.
+  if r.get('student', 'mini_deit') != STUDENT:
+    sys.exit(f'{p} is a {r.get("student", "mini_deit")} run, not {STUDENT}: set STUDENT or RUNS_DIR')
   runs[(r['method'], r['seed'])] = r
-  shutil.copy(p, os.path.join(HERE, 'results', os.path.basename(p)))
+  shutil.copy(p, os.path.join(RESULTS, os.path.basename(p)))
 
 METHODS = ['none', 'kd', 'pat']
 LABEL = {'none': 'student alone', 'kd': 'KD', 'pat': 'PAT'}
@@ -53,7 +68,7 @@ for m in METHODS:
     if r.get('status') == 'done':
       jax[(m, int(os.path.basename(os.path.dirname(p))[4:]))] = r
 
-print('## Per run, original PAT code (torch)\n')
+print(f'## Per run, original PAT code (torch), student {STUDENT}\n')
 print('| method | seed | best val (src, epoch) | final val raw / EMA | test raw / EMA | wall s |')
 print('|---|---|---|---|---|---|')
 for m in METHODS:
@@ -65,7 +80,7 @@ for m in METHODS:
           f"{r['final_val_raw_top1']:.2f} / {r['final_val_ema_top1']:.2f} | "
           f"{r['test_raw_top1']:.2f} / {r['test_ema_top1']:.2f} | {r['wall_s']:.0f} |")
 
-print('\n## Mean ± sd over seeds\n')
+print(f'\n## Mean ± sd over seeds (pat_jax: {os.path.relpath(JAX, HERE)})\n')
 print('| side | method | n | ' + ' | '.join(n for _, n in METRICS) + ' | wall s |')
 print('|---|---|---|' + '---|' * len(METRICS) + '---|')
 for side, table, keymap in (('original (torch)', runs, None), ('pat_jax', jax, JAX_KEY)):
@@ -135,6 +150,15 @@ if pat_runs:
   print('\nPAT beta (prompt scale) per stage at the end of training: ' +
         '; '.join(f"seed {r['seed']}: " + ', '.join(f'{b:+.3f}' for b in r['evals'][-1]['beta'])
                   for r in pat_runs))
+
+sc = os.path.join(RESULTS, 'student_check.json')
+if STUDENT == 'mini_resmlp' and os.path.exists(sc):
+  S = json.load(open(sc))
+  print(f"\nStudent check (check_student.py: pat_jax's trained mini_resmlp in the torch MlpMixer): "
+        f"parameters torch {S['params_torch']:,} / pat_jax {S['params_pat_jax']:,}; validation top-1 "
+        f"torch {S['val_top1_torch_on_torch_images']:.2f}, pat_jax forward {S['val_top1_pat_jax_forward']:.2f}; "
+        f"max |Δlogit| {S['logits_max_abs_diff_vs_pat_jax']:.1e}; max |Δ stage tap| "
+        f"{max(d['max_abs_diff'] for d in S['stage_taps_first500']):.1e}.")
 
 tc = os.path.join(HERE, 'results', 'teacher_check.json')
 if os.path.exists(tc):

@@ -4,10 +4,17 @@ distiller classes (distillers.Vanilla / KD / PAT, unmodified, imported from $PAT
 Adapted from the digits cross-check harness (shared/peer/digits_crosscheck/train_torch.py).
 
   $PEER_PY train_torch.py --method {none,kd,pat} --seed 0 --out DIR [--epochs 15]
+                         [--student {mini_deit,mini_resmlp}]   (default mini_deit)
+
+The student is pat_jax's configs/fmnist_vit.py (mini_deit) or configs/fmnist_mlp.py (mini_resmlp)
+student (common.make_student); both configs share the recipe below (pat_jax/miniature.py
+student_config). Output: OUT/{method}_seed{S}.json for either student (keep the students' runs in
+separate folders: run_all.sh uses runs/ and runs_mlp/).
 
 Recipe: AdamW lr 2e-3, wd 0.05 on every trainable tensor with ndim > 1 (timm create_optimizer_v2
 on the whole distiller, as train.py: a distiller has no no_weight_decay(), so the student's
-cls/pos are decayed; pat_jax decay_pos_embed=True does the same); timm CosineLRScheduler per epoch
+cls/pos are decayed; pat_jax decay_pos_embed=True does the same; mini_resmlp's (1, 1, D) Affine
+alpha/beta are decayed too, as by pat_jax's ndim > 1 mask); timm CosineLRScheduler per epoch
 (warmup 2 epochs from 1e-4, cosine to 1e-5 over 15 epochs, cooldown 0); 15 epochs x 84 steps
 (5,400 // 64, drop_last); batch 64; LabelSmoothingCrossEntropy(0.1); RandomResizedCrop 32 scale
 (0.5, 1) ratio (3/4, 4/3) random bilinear/bicubic on the 28x28 image, then horizontal flip p 0.5;
@@ -54,6 +61,7 @@ def parse():
   p.add_argument('--threads', type=int, default=1)
   p.add_argument('--out', default=os.path.join(os.environ.get('XCHECK_DATA', '.'), 'runs'))
   p.add_argument('--raa-dim', type=int, default=64)
+  p.add_argument('--student', choices=list(common.STUDENTS), default='mini_deit')
   return p.parse_args()
 
 
@@ -71,7 +79,7 @@ def main():
   y_train = torch.from_numpy(ytr)
   aug = common.TrainAug(hflip=0.5)
 
-  student = common.make_student()
+  student = common.make_student(a.student)
   teacher = None
   t_acc = None
   if a.method != 'none':
@@ -155,7 +163,7 @@ def main():
   t_test = common.top1(teacher, x_test, y_test) if teacher is not None else None
 
   wall = time.time() - t_start
-  res = {'method': a.method, 'seed': a.seed, 'epochs': a.epochs, 'steps': step,
+  res = {'method': a.method, 'seed': a.seed, 'student': a.student, 'epochs': a.epochs, 'steps': step,
          'steps_per_epoch': steps_per_epoch, 'num_train': n,
          'best_val_top1': best['top1'], 'best_source': best['source'], 'best_epoch': best['epoch'],
          'final_val_raw_top1': evals[-1]['val_raw_top1'], 'final_val_ema_top1': evals[-1]['val_ema_top1'],
@@ -176,7 +184,7 @@ def main():
   os.makedirs(a.out, exist_ok=True)
   path = os.path.join(a.out, f'{a.method}_seed{a.seed}.json')
   json.dump(res, open(path, 'w'), indent=1)
-  print(json.dumps({k: res[k] for k in ('method', 'seed', 'best_val_top1', 'best_source', 'best_epoch',
+  print(json.dumps({k: res[k] for k in ('method', 'seed', 'student', 'best_val_top1', 'best_source', 'best_epoch',
                                          'final_val_raw_top1', 'final_val_ema_top1', 'test_raw_top1',
                                          'test_ema_top1', 'wall_s', 'student_params', 'extra_params')}),
         flush=True)
