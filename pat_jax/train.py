@@ -339,18 +339,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f'clipping (optim.clip_grad), or set skip_nonfinite_steps=N to skip up to N bad updates.')
 
   unchecked = None  # (step, metrics) whose finiteness is not checked yet
+
+  def check_unchecked():
+    nonlocal unchecked
+    if unchecked is not None:
+      check_finite(*unchecked)
+      unchecked = None
+
   failed = False
   try:
     for step in range(start_step + 1, total_steps + 1):
       batch = sharding.global_batch(next(train_iter), mesh)
       state, step_metrics = train_step(state, batch, teacher_vars, first=(step == 1))
-      if unchecked is not None:
-        check_finite(*unchecked)
+      check_unchecked()  # the previous step's, while this one runs
       unchecked = (step, step_metrics)
 
       if step % log_every == 0 or step == total_steps:
-        check_finite(*unchecked)
-        unchecked = None
+        check_unchecked()
         row = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != 'finite'}
         if max_skipped:
           row['skipped_nonfinite'] = len(skipped)
@@ -364,15 +369,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % eval_every == 0 or step == total_steps:
         last_eval, top1 = run_eval(state, step)
       if top1 is not None or step % ckpt_every == 0 or step == total_steps:
-        if unchecked is not None:  # never save a state that a non-finite update produced
-          check_finite(*unchecked)
-          unchecked = None
+        check_unchecked()  # never save a state that a non-finite update produced
         save(state, step, top1)
       if should_stop(step):
         if step % ckpt_every and top1 is None and step != total_steps:
-          if unchecked is not None:
-            check_finite(*unchecked)
-            unchecked = None
+          check_unchecked()
           save(state, step)
         ckpt.wait()
         logging.warning('Preempted at step %d: checkpoint saved, exiting.', step)
