@@ -187,8 +187,8 @@ class TrainCheckpointer:
   def save(self, step: int, state, meta: Dict[str, Any], metrics: Optional[Dict[str, float]] = None,
            force: bool = False) -> bool:
     items = state_to_items(state)
-    self._check_free_space(step, items)
     self._pending = (step, _nbytes(items))
+    self._check_free_space(*self._pending)
     args = ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()},
                               meta=ocp.args.JsonSave(meta))
     try:  # also raises the error of the previous asynchronous save, if it failed
@@ -197,9 +197,8 @@ class TrainCheckpointer:
       self._raise_if_no_space(e, *self._pending)
       raise
 
-  def _check_free_space(self, step, items):
+  def _check_free_space(self, step, needed):
     """Refuses to start a save the disk cannot hold (a local workdir; remote ones are not asked)."""
-    needed = _nbytes(items)
     try:
       free = shutil.disk_usage(self.directory).free
     except OSError:
