@@ -50,7 +50,8 @@ def main(argv):
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except checkpoint.DiskFullError as e:
-    # One paragraph, last on the console: not orbax's writer threads failing at interpreter exit.
+    # One paragraph at the end, and no interpreter shutdown: orbax's writer threads would print
+    # hundreds of lines of tracebacks after it.
     logging.error('%s', e)
     logging.flush()
     sys.stderr.write(f'\nerror: {e}\n')
