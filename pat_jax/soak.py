@@ -57,6 +57,8 @@ import subprocess
 import sys
 import time
 
+from pat_jax import sweep
+
 LOG_TAIL_LINES = 40
 
 
@@ -236,21 +238,6 @@ def train_teacher(teacher_dir, config_args):
   sys.exit(0 if result.get('status') == 'done' else 3)
 
 
-class _Forwarder:
-  """SIGINT/SIGTERM -> SIGTERM to the running child (it checkpoints and exits)."""
-
-  def __init__(self):
-    self.child, self.stopped = None, False
-
-  def __call__(self, signum, frame):
-    del frame
-    self.stopped = True
-    print(f'{signal.Signals(signum).name}: stopping the run (SIGTERM)...', file=sys.stderr,
-          flush=True)
-    if self.child is not None and self.child.poll() is None:
-      self.child.send_signal(signal.SIGTERM)
-
-
 def _start(cmd, log, forwarder):
   log.write(f'\n==== {time.strftime("%Y-%m-%d %H:%M:%S")} {shlex.join(cmd)}\n')
   log.flush()
@@ -315,7 +302,7 @@ def main(argv=None):
   os.makedirs(workdir, exist_ok=True)
   os.makedirs(out, exist_ok=True)
   log_path = os.path.join(workdir, 'soak_log.txt')
-  forwarder = _Forwarder()
+  forwarder = sweep.ChildStopper()  # the sweep's: SIGINT/SIGTERM -> SIGTERM to the run
   previous = {s: signal.signal(s, forwarder) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
     with open(log_path, 'a', encoding='utf-8') as log:

@@ -57,7 +57,7 @@ def _tail(path, n=5):
     return []
 
 
-class _Stopper:
+class ChildStopper:
   """SIGINT/SIGTERM -> SIGTERM to the running child (it checkpoints and exits), no new runs."""
 
   def __init__(self):
@@ -162,7 +162,7 @@ def run_sweep(config, args, seeds, root, sets=(), dry_run=False, verbose=False):
       done = '# done, would skip: ' if read_result(rundir) else ''
       print(done + shlex.join(command(config, arg, seed, rundir, root, sets)))
     return 0
-  stopper = _Stopper()
+  stopper = ChildStopper()
   previous = {s: signal.signal(s, stopper) for s in (signal.SIGINT, signal.SIGTERM)}
   failed = 0
   try:
