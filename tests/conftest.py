@@ -7,7 +7,9 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+from xla_flags import flags  # tests/ is on sys.path (pytest prepends a conftest's folder)
+
+os.environ.setdefault('XLA_FLAGS', flags(8))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -17,6 +19,9 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _CACHE = tempfile.mkdtemp(prefix='pat_jax_tests_jax_cache_')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# Every program, not only those that took over a second to compile: most of the tests' programs
+# are small and compiled again by each subprocess run.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 # torchvision (through timm) must be imported before TensorFlow: the other order segfaults here.
 import timm  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import

@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import xla_flags
 
 from pat_jax import checkpoint, train
 
@@ -214,7 +215,7 @@ def _subprocess_flags(data_dir, wd, total_steps):
 def _run(argv, file_limit=None, timeout=900):
   """(exit code, output) of `python ARGV...`; `file_limit`: RLIMIT_FSIZE in bytes (`ulimit -f`)."""
   # Output through a pipe: a file would fall under the file-size limit too.
-  env = dict(os.environ, PYTHONUNBUFFERED='1', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(os.environ, PYTHONUNBUFFERED='1', XLA_FLAGS=xla_flags.flags(2))
   cmd = [sys.executable, *argv]
   if file_limit:
     cmd = ['bash', '-c', f'ulimit -f {file_limit // 1024} && exec "$@"', 'bash', *cmd]

@@ -38,8 +38,14 @@ def _run(config, n_devices, steps=2):
   return out, state
 
 
-def test_pat_step_same_loss_on_1_and_8_devices():
-  one, _ = _run(_config(), 1)
+@pytest.fixture(scope='module')
+def one_device_run():
+  """Two PAT steps on one device (shared: compiling them is most of these tests' time)."""
+  return _run(_config(), 1)
+
+
+def test_pat_step_same_loss_on_1_and_8_devices(one_device_run):
+  one, _ = one_device_run
   eight, state = _run(_config(), 8)
   for a, b in zip(one, eight):
     assert set(a) >= {'loss_ce', 'loss_kd', 'loss_pat_fd', 'loss_pat_reg'}
@@ -50,8 +56,8 @@ def test_pat_step_same_loss_on_1_and_8_devices():
   assert fb.shape[0] == 8 and len(fb.sharding.device_set) == 8
 
 
-def test_first_step_has_no_feedback_then_feedback_is_carried():
-  (m0, m1), state = _run(_config(), 1)
+def test_first_step_has_no_feedback_then_feedback_is_carried(one_device_run):
+  (m0, m1), state = one_device_run
   # Step 0 (no feedback) and prompts start at beta = 0: for a CNN teacher the prompted teacher
   # equals the plain one, so the regulariser is exactly 0 (official-pat-code.md Q1).
   assert abs(float(m0['loss_pat_reg'])) < 1e-6

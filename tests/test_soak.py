@@ -6,6 +6,7 @@ import sys
 
 import ml_collections
 import pytest
+import xla_flags
 
 from pat_jax import soak
 
@@ -97,7 +98,7 @@ def test_tiny_soak_of_a_real_run(tmp_path, monkeypatch, capsys):
   measured training run in a child process, as `python -m pat_jax.soak` does."""
   wd, data_dir = str(tmp_path / 'run'), str(tmp_path / 'tfds')
   monkeypatch.chdir(REPO)
-  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')  # the child's
+  monkeypatch.setenv('XLA_FLAGS', xla_flags.flags(1))  # the child's
   code = soak.main([f'--workdir={wd}', '--config=configs/digits_demo.py:none', '--steps', '30',
                     '--checkpoint-every', '10', '--eval-every', '30', '--log-every', '5',
                     '--sample-every', '0.5', '--set', 'model.name=mini_resnet',

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import xla_flags
 
 from pat_jax import sweep
 
@@ -22,7 +23,7 @@ def _sweep(root, data_dir, *extra, timeout=600):
   # Compilation dominates a 4-step run: unoptimised XLA code and a compilation cache shared by
   # the sweeps of a test halve it (both runs of a resume still use the same flags).
   env = dict(os.environ, JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1', TF_CPP_MIN_LOG_LEVEL='2',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0',
+             XLA_FLAGS=xla_flags.flags(1),
              JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(root), 'jax_cache'),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   return subprocess.run([sys.executable, '-m', 'pat_jax.sweep', f'--config={CONFIG}', '--arg=none',
