@@ -20,12 +20,9 @@ TINY = ['--set=total_steps=4', '--set=batch_size=16', '--set=log_every_steps=1',
 
 
 def _sweep(root, data_dir, *extra, timeout=600):
-  # Compilation dominates a 4-step run: unoptimised XLA code and a compilation cache shared by
-  # the sweeps of a test halve it (both runs of a resume still use the same flags).
-  env = dict(os.environ, JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1', TF_CPP_MIN_LOG_LEVEL='2',
-             XLA_FLAGS=xla_flags.flags(1),
-             JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(root), 'jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  # One device; the rest (fast compilation, the session's compilation cache, offline, CPU) is
+  # inherited from tests/conftest.py.
+  env = dict(os.environ, XLA_FLAGS=xla_flags.flags(1))
   return subprocess.run([sys.executable, '-m', 'pat_jax.sweep', f'--config={CONFIG}', '--arg=none',
                          '--seeds=0', f'--workdir={root}', *TINY, f'--set=dataset.data_dir={data_dir}',
                          *extra], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
