@@ -4,8 +4,9 @@
 #   launch/gpu.sh --config=configs/cifar_convnext_deit.py --workdir=runs/convnext_deit
 #   srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 launch/gpu.sh --config=... --workdir=...
 #
-# One process drives all local GPUs (jit shards the batch over them); under SLURM with more
-# than one task, JAX reads the SLURM environment and jax.distributed.initialize() joins the
+# One process drives all local GPUs (jit shards the batch over them). Under SLURM use
+# launch/slurm.sbatch (requeue on preemption); with one task per node pat_jax.sharding gives
+# each process all of its node's GPUs (JAX alone would pin it to GPU 0) and joins the
 # processes (pat_jax.sharding). Set up once with:
 #   python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[cuda]'
 set -euo pipefail

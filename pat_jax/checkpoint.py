@@ -16,8 +16,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from pat_jax import errors
 
-class CheckpointError(ValueError):
+
+class CheckpointError(errors.UserError, ValueError):
   """A checkpoint directory that is missing, empty or unreadable."""
 
 

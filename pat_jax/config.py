@@ -5,7 +5,7 @@ Every value here is the original recipe's (official-pat-code.md sections 1.10 an
 """
 import ml_collections
 
-from pat_jax import data, optim
+from pat_jax import data, errors, optim
 
 # The optimiser halves of the two CIFAR recipes (cifar/cnn.yaml, cifar/vit_mlp.yaml).
 OPTIM_RECIPES = {
@@ -19,7 +19,7 @@ OPTIM_RECIPES = {
 def base(recipe: str = 'cnn') -> ml_collections.ConfigDict:
   """A CIFAR-100 run at 224x224 with recipe 'cnn' (ResNet/MobileNet students) or 'vit_mlp'."""
   if recipe not in OPTIM_RECIPES:
-    raise ValueError(f'Unknown recipe {recipe!r}: use one of {sorted(OPTIM_RECIPES)}.')
+    raise errors.ConfigError(f'Unknown recipe {recipe!r}: use one of {sorted(OPTIM_RECIPES)}.')
   c = ml_collections.ConfigDict()
   c.seed = 42
   c.dataset = data.default_config()

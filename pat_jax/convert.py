@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pat_jax import models
+from pat_jax import errors, models
 
 _WRAPPERS = ('state_dict', 'model', 'state_dict_ema', 'model_ema')
 _HEADS = ('head', 'fc')  # top-level classifier modules of the zoo's models
@@ -33,7 +33,7 @@ _BN_BUFFERS = {'running_mean': 'mean', 'running_var': 'var',
                'num_batches_tracked': 'num_batches_tracked'}
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError, ValueError):
   """A checkpoint that does not fit the requested model, or cannot be read safely."""
 
 

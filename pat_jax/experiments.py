@@ -15,6 +15,7 @@ An empty ARG is the faithful PAT run. `no_raa,no_afp` is the FitNet-style row of
 """
 import ml_collections
 
+from pat_jax import errors
 from pat_jax.distill import fitnet, pat
 
 
@@ -44,7 +45,7 @@ def apply(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
       c.method.update(dict(seq_layout='transpose', se_mode='scale', pos_encoding='token',
                            cls_token='first'))
     else:
-      raise ValueError(f'Unknown config argument {token!r}. Valid: student, kd, fitnet, no_raa, '
+      raise errors.ConfigError(f'Unknown config argument {token!r}. Valid: student, kd, fitnet, no_raa, '
                        'no_afp, no_feedback, afp=DIGITS, queries=N, fraction=F, corrected.')
   return c
 

@@ -19,6 +19,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from pat_jax import errors
+
+NAMES = ('sgd', 'adamw')
+SCHEDULES = ('cosine', 'step')
+
 _NO_DECAY_TABLES = ('cls_token', 'pos_embed', 'dist_token', 'relative_position_bias_table')
 
 
@@ -48,8 +53,8 @@ def step_lr(epoch, *, lr, warmup_lr, warmup_epochs, decay_epochs, decay_rate):
 
 def schedule(cfg, num_epochs: int, steps_per_epoch: int):
   """step -> learning rate."""
-  if cfg.get('schedule', 'cosine') not in ('cosine', 'step'):
-    raise ValueError(f"Unknown optim.schedule {cfg.schedule!r}: use 'cosine' or 'step'.")
+  if cfg.get('schedule', 'cosine') not in SCHEDULES:
+    raise errors.ConfigError(f"Unknown optim.schedule {cfg.schedule!r}: use 'cosine' or 'step'.")
 
   def fn(step):
     epoch = step / steps_per_epoch
@@ -83,7 +88,7 @@ def create(cfg, num_epochs: int, steps_per_epoch: int):
   elif cfg.name == 'adamw':
     tx = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay, mask=mask)
   else:
-    raise ValueError(f"Unknown optim.name {cfg.name!r}: use 'sgd' or 'adamw'.")
+    raise errors.ConfigError(f"Unknown optim.name {cfg.name!r}: use 'sgd' or 'adamw'.")
   if cfg.clip_grad and cfg.clip_grad > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_grad), tx)
   return tx, lr

@@ -21,7 +21,8 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from pat_jax import checkpoint, convert, data, evaluate, metrics, models, optim, sharding
+from pat_jax import (checkpoint, convert, data, errors, evaluate, metrics, models, optim,
+                     sharding)
 from pat_jax.distill import registry
 
 
@@ -134,6 +135,29 @@ def make_trainer(config, mesh, num_classes, steps_per_epoch, teacher=None, teach
 # ----------------------------------------------------------------------------
 # Teacher: reloaded from its source at every start, never checkpointed.
 
+def check_config(config, where='config'):
+  """Names in the config that point at nothing stop the run here, in its first second, not
+  after a teacher has trained (`teacher.pretrain` is checked the same way)."""
+  models.spec(config.model.name)
+  if config.teacher.get('name'):
+    models.spec(config.teacher.name)
+  method = config.method.name
+  if method not in registry.METHODS:
+    raise errors.ConfigError(f'Unknown {where}.method.name {method!r}. Valid: {sorted(registry.METHODS)}.')
+  if registry.METHODS[method].uses_teacher and not config.teacher.get('name'):
+    raise errors.ConfigError(f'{where}.method.name={method!r} needs a teacher: set teacher.name and '
+                             'teacher.checkpoint (or teacher.pretrain).')
+  if config.optim.name not in optim.NAMES:
+    raise errors.ConfigError(f'Unknown {where}.optim.name {config.optim.name!r}: use one of {optim.NAMES}.')
+  if config.optim.get('schedule', 'cosine') not in optim.SCHEDULES:
+    raise errors.ConfigError(f'Unknown {where}.optim.schedule {config.optim.schedule!r}: use one of '
+                             f'{optim.SCHEDULES}.')
+  if config.get('dtype', 'float32') not in ('float32', 'bfloat16'):
+    raise errors.ConfigError(f"{where}.dtype={config.dtype!r}: use 'float32' or 'bfloat16'.")
+  if config.teacher.get('pretrain') is not None and not config.teacher.get('checkpoint'):
+    check_config(config.teacher.pretrain, where=f'{where}.teacher.pretrain')
+
+
 class TeacherPreempted(Exception):
   """The teacher trained by teacher.pretrain was preempted: the run stops too (and resumes it)."""
 
@@ -154,7 +178,7 @@ def load_teacher(config, num_classes, workdir, mesh):
       if train_and_evaluate(tcfg.pretrain, teacher_dir)['status'] != 'done':
         raise TeacherPreempted(teacher_dir)  # never distil from a half-trained teacher
   if not path or not os.path.exists(path):
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f'teacher.checkpoint={path!r} does not exist. Get a teacher by converting timm weights '
         f'(e.g. the OFA-KD CIFAR-100 release file {tcfg.name}_cifar100.pth): python -m '
         f'pat_jax.convert --model {tcfg.name} --num-classes {num_classes} --input FILE --output DIR, '
@@ -175,7 +199,7 @@ def load_teacher(config, num_classes, workdir, mesh):
     logging.info('Teacher %s from %s: top-1 %.2f%%, top-5 %.2f%% on %d examples.', tcfg.name, path,
                  res['top1'], res['top5'], res['num_examples'])
     if res['top1'] < tcfg.min_top1:
-      raise ValueError(
+      raise errors.ConfigError(
           f'Teacher {tcfg.name} from {path} reaches only {res["top1"]:.2f}% top-1 on '
           f'{config.dataset.eval_split} (chance is {100 / num_classes:.2f}%, teacher.min_top1='
           f'{tcfg.min_top1}): the checkpoint is probably for another dataset, class order or '
@@ -209,12 +233,14 @@ def _init_student_from(config, variables, num_classes):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the configured run in `workdir`; returns the final summary."""
   # ---- Setup ---------------------------------------------------------------
+  check_config(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
       f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.get('num_devices', 0))
+  logging.info('%s.', sharding.describe(mesh))
   rep = sharding.replicated(mesh)
 
   # ---- Data ----------------------------------------------------------------

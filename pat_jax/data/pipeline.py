@@ -29,6 +29,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from pat_jax import errors
 from pat_jax.data import augment
 from pat_jax.data import mixup
 from pat_jax.data import randaugment
@@ -61,7 +62,7 @@ def train_indices(config, num_examples: int) -> np.ndarray:
   if fraction >= 1.0:
     return np.arange(num_examples, dtype=np.int64)
   if not 0.0 < fraction < 1.0:
-    raise ValueError(f'dataset.train_fraction must be in (0, 1], got {fraction}')
+    raise errors.ConfigError(f'dataset.train_fraction must be in (0, 1], got {fraction}')
   seed = config.dataset.get('fraction_seed')  # None: the run's seed
   seed = int(config.seed if seed is None else seed)
   perm = np.random.default_rng([seed, _FRACTION]).permutation(num_examples)
@@ -157,7 +158,7 @@ def train_dataset(config, batch_size, start_step=0, process_index=0, process_cou
   n = len(subset)
   steps = n // (batch_size * process_count)
   if steps == 0:
-    raise ValueError(f'{n} training examples cannot fill one global batch of '
+    raise errors.ConfigError(f'{n} training examples cannot fill one global batch of '
                      f'{batch_size} x {process_count} hosts.')
   per_host = steps * batch_size
   start_epoch, skip_steps = divmod(int(start_step), steps)

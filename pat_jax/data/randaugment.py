@@ -24,6 +24,7 @@ import math
 
 import tensorflow as tf
 
+from pat_jax import errors
 from pat_jax.data import augment
 
 LEVEL_DENOM = 10.0
@@ -39,7 +40,7 @@ def parse(config_str):
   """'rand-m9-mstd0.5-inc1' -> dict(magnitude, num_layers, prob, magnitude_std, magnitude_max)."""
   parts = config_str.split('-')
   if parts[0] != 'rand':
-    raise ValueError(f'Only RandAugment ("rand-...") is supported, got {config_str!r}')
+    raise errors.ConfigError(f'Only RandAugment ("rand-...") is supported, got {config_str!r}')
   cfg = dict(magnitude=10.0, num_layers=2, prob=0.5, magnitude_std=0.0, magnitude_max=10.0,
              increasing=False)
   for p in parts[1:]:
@@ -58,9 +59,9 @@ def parse(config_str):
     elif key == 'inc':
       cfg['increasing'] = bool(int(val))
     else:
-      raise ValueError(f'Unknown RandAugment section {p!r} in {config_str!r}')
+      raise errors.ConfigError(f'Unknown RandAugment section {p!r} in {config_str!r}')
   if not cfg['increasing']:
-    raise ValueError('Only the timm "increasing" op set (inc1) is implemented.')
+    raise errors.ConfigError('Only the timm "increasing" op set (inc1) is implemented.')
   return cfg
 
 

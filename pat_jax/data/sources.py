@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from pat_jax import errors
 from pat_jax.data import digits
 from pat_jax.data import idx
 
@@ -32,7 +33,7 @@ _CACHE = {}
 _REGISTERED = {}
 
 
-class DatasetNotPreparedError(RuntimeError):
+class DatasetNotPreparedError(errors.UserError, RuntimeError):
   """The dataset is not in data_dir; the message says how to prepare it."""
 
 
@@ -145,7 +146,7 @@ def parse_split(split: str):
   m = _SLICE.match(split.replace(' ', ''))
   if not m:
     if '[' in split:
-      raise ValueError(f'Cannot parse split {split!r}: use NAME, NAME[a:b] or NAME[a%:b%].')
+      raise errors.ConfigError(f'Cannot parse split {split!r}: use NAME, NAME[a:b] or NAME[a%:b%].')
     return split, None
   base, lo, lo_pct, hi, hi_pct = m.groups()
   return base, (lo, lo_pct == '%', hi, hi_pct == '%')

@@ -73,6 +73,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pat_jax import errors
 from pat_jax.distill import base, losses
 from pat_jax.distill import projectors as pj
 from pat_jax.models import layers
@@ -290,7 +291,7 @@ class FitNetAligners(nn.Module):
 def _stages(cfg) -> Tuple[int, ...]:
   stages = tuple(int(s) for s in cfg.fitnet_stages)
   if not stages or any(s not in (1, 2, 3, 4) for s in stages) or len(set(stages)) != len(stages):
-    raise ValueError(f'method.fitnet_stages must be distinct stages among 1..4, got {cfg.fitnet_stages!r}.')
+    raise errors.ConfigError(f'method.fitnet_stages must be distinct stages among 1..4, got {cfg.fitnet_stages!r}.')
   return stages
 
 

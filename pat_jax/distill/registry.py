@@ -1,4 +1,5 @@
 """method.name -> distillation method class."""
+from pat_jax import errors
 from pat_jax.distill import base, fitnet, kd, pat
 
 METHODS = {
@@ -12,8 +13,8 @@ METHODS = {
 def create(config, student, teacher=None):
   name = config.method.name
   if name not in METHODS:
-    raise ValueError(f'Unknown method.name {name!r}. Valid: {sorted(METHODS)}.')
+    raise errors.ConfigError(f'Unknown method.name {name!r}. Valid: {sorted(METHODS)}.')
   cls = METHODS[name]
   if cls.uses_teacher and teacher is None:
-    raise ValueError(f"method.name={name!r} needs a teacher: set teacher.name and teacher.checkpoint.")
+    raise errors.ConfigError(f"method.name={name!r} needs a teacher: set teacher.name and teacher.checkpoint.")
   return cls(config, student, teacher)

@@ -16,6 +16,7 @@ are small variants of the same architectures for fast tests (32x32 inputs).
 import dataclasses
 from typing import Any, Callable, Dict, Tuple
 
+from pat_jax import errors
 from pat_jax.models.convnext import ConvNeXt
 from pat_jax.models.resmlp import ResMLP
 from pat_jax.models.resnet import ResNet
@@ -76,7 +77,7 @@ def names():
 
 def spec(name: str) -> Spec:
   if name not in REGISTRY:
-    raise ValueError(f'Unknown model {name!r}. Valid names: {", ".join(names())}.')
+    raise errors.ConfigError(f'Unknown model {name!r}. Valid names: {", ".join(names())}.')
   return REGISTRY[name]
 
 
@@ -90,5 +91,5 @@ def create(name: str, num_classes: int, **overrides):
   fields = {f.name for f in dataclasses.fields(s.module)} - {'parent', 'name', 'num_classes'}
   unknown = sorted(set(overrides) - fields)
   if unknown:
-    raise ValueError(f'Model {name!r} has no option(s) {unknown}. Valid options: {sorted(fields)}.')
+    raise errors.ConfigError(f'Model {name!r} has no option(s) {unknown}. Valid options: {sorted(fields)}.')
   return s.module(num_classes=num_classes, **{**s.kwargs, **overrides})
