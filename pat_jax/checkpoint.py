@@ -94,24 +94,28 @@ def load_meta(path: str, step: Optional[int] = None) -> Dict[str, Any]:
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
-def load_variables(path: str, step: Optional[int] = None, item: str = 'variables') -> Dict[str, Any]:
-  """Restores a model's variables (latest step unless `step`) as host arrays.
+def load_variables(path: str, step: Optional[int] = None, item: str = 'variables',
+                   sharding=None) -> Dict[str, Any]:
+  """Restores a model's variables (latest step unless `step`).
 
   Works on converted checkpoints and on training checkpoints; `item='ema'` takes the
-  EMA student of a training checkpoint.
+  EMA student of a training checkpoint. `sharding`: where the arrays go (every process
+  calls this and reads its own shards, e.g. replicated over the global mesh); default this
+  process's first device (for host-side use).
   """
   mngr, step = _manager_and_step(path, step)
   with mngr:
     if item not in mngr.item_metadata(step):
       raise CheckpointError(f'Step {step} of {path} has no {item!r} item (it has '
                             f'{sorted(mngr.item_metadata(step))}).')
-    # Restore onto this process's first device, whatever topology wrote it (e.g. a multi-host run).
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    # Whatever topology wrote it (e.g. a multi-host run): the target sharding decides.
+    if sharding is None:
+      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with ocp.StandardCheckpointer() as reader:
       tree = reader.metadata(os.path.join(mngr.directory, str(step), item))
     tree = getattr(tree, 'item_metadata', tree)
     target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree,
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree,
         is_leaf=lambda m: hasattr(m, 'shape') and hasattr(m, 'dtype'))
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from pat_jax import checkpoint, data, models, sharding
+from pat_jax import checkpoint, data, models, sharding, weights
 
 
 def make_eval_step(model):
@@ -41,13 +41,13 @@ def evaluate_checkpoint(config, checkpoint_path: str, ema: bool = False) -> Dict
   if os.path.isdir(os.path.join(checkpoint_path, 'checkpoints')):
     checkpoint_path = os.path.join(checkpoint_path, 'checkpoints')
   meta = checkpoint.load_meta(checkpoint_path)
-  variables = checkpoint.load_variables(checkpoint_path, item='ema' if ema else 'variables')
   name = meta.get('model', config.model.name)
   num_classes = meta.get('num_classes') or data.get_info(config).num_classes
   overrides = dict(meta.get('overrides', {}))
   model = models.create(name, num_classes=num_classes, **overrides)
   mesh = sharding.make_mesh(config.get('num_devices', 0))
-  variables = jax.device_put(variables, sharding.replicated(mesh))
+  variables = weights.load(checkpoint_path, name, num_classes, sharding.replicated(mesh),
+                           item='ema' if ema else 'variables', check=False)
   logging.info('Evaluating %s (%s) from %s', name, 'EMA' if ema else 'raw', checkpoint_path)
   [result] = evaluate(make_eval_step(model), [variables], config, mesh)
   result['step'] = int(meta.get('step', 0))
@@ -55,5 +55,8 @@ def evaluate_checkpoint(config, checkpoint_path: str, ema: bool = False) -> Dict
 
 
 def print_result(result):
+  """The result as one JSON line, printed by process 0 only."""
+  if jax.process_index() != 0:
+    return
   print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}),
         flush=True)

@@ -26,7 +26,19 @@ flags.DEFINE_bool('ema', False, '--mode=eval: evaluate the EMA student of a trai
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0.')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
 flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+flags.DEFINE_string('compilation_cache', None,
+                    "JAX's persistent compilation cache, so that a restart or resume does not compile "
+                    "again: a folder (local or gs://), or 'none'. Default: $JAX_COMPILATION_CACHE_DIR, "
+                    'else $XDG_CACHE_HOME/pat_jax/jax (~/.cache/pat_jax/jax).')
 flags.mark_flags_as_required(['config'])
+
+
+def compilation_cache_dir(value=None, environ=os.environ):
+  """The cache folder --compilation_cache names (None: switched off)."""
+  if value is None:
+    value = environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.join(
+        environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'pat_jax', 'jax')
+  return None if value.strip().lower() in ('', 'none') else value
 
 
 def _fail(message):
@@ -96,6 +108,9 @@ def main(argv):
     _fail(e)
   import jax  # pylint: disable=g-import-not-at-top
   logging.info('JAX %s, %s.', jax.__version__, sharding.describe())
+  cache = compilation_cache_dir(FLAGS.compilation_cache)
+  jax.config.update('jax_compilation_cache_dir', cache)  # before the first compilation
+  logging.info('Compilation cache: %s.', cache or 'off')
   if FLAGS.mode == 'eval':
     path = FLAGS.checkpoint or FLAGS.workdir
     if not path:

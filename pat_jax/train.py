@@ -19,10 +19,9 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.experimental import multihost_utils
 
 from pat_jax import (checkpoint, convert, data, errors, evaluate, metrics, models, optim,
-                     sharding)
+                     sharding, weights)
 from pat_jax.distill import registry
 
 
@@ -158,6 +157,32 @@ def check_config(config, where='config'):
     check_config(config.teacher.pretrain, where=f'{where}.teacher.pretrain')
 
 
+def check_shared_workdir(workdir):
+  """Several processes must write one workdir (one checkpoint, one feedback state): process 0
+  writes a fresh token into it, every process reads it back, and all stop if one cannot."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, '.process0_token')
+  token = np.frombuffer(os.urandom(8), np.uint32) if jax.process_index() == 0 else np.zeros(2, np.uint32)
+  if jax.process_index() == 0:
+    with open(path, 'w', encoding='utf-8') as f:
+      f.write(' '.join(map(str, token)))
+  token = ' '.join(map(str, multihost_utils.broadcast_one_to_all(token)))  # also a barrier
+  try:
+    with open(path, encoding='utf-8') as f:
+      same = f.read() == token
+  except OSError:
+    same = False
+  all_same = multihost_utils.process_allgather(np.asarray(same))
+  if not np.all(all_same):
+    bad = [i for i, ok in enumerate(np.asarray(all_same).ravel()) if not ok]
+    raise errors.ConfigError(
+        f'The workdir {workdir} is not one folder for all {jax.process_count()} processes: '
+        f'process(es) {bad} do not see what process 0 wrote there. Give every process the same '
+        f'--workdir on a filesystem they all mount.')
+
+
 class TeacherPreempted(Exception):
   """The teacher trained by teacher.pretrain was preempted: the run stops too (and resumes it)."""
 
@@ -187,12 +212,7 @@ def load_teacher(config, num_classes, workdir, mesh):
   teacher = models.create(tcfg.name, num_classes=num_classes, remat=tcfg.get('remat', False),
                           **overrides)
   shape_overrides = {k: v for k, v in overrides.items() if k != 'dtype'}
-  if os.path.isfile(path):
-    variables = convert.from_timm(tcfg.name, path, num_classes=num_classes, **shape_overrides)
-  else:
-    variables = checkpoint.load_variables(path)
-    convert.check_variables(tcfg.name, variables, num_classes, **shape_overrides)
-  variables = jax.device_put(variables, sharding.replicated(mesh))
+  variables = weights.load(path, tcfg.name, num_classes, sharding.replicated(mesh), **shape_overrides)
 
   if tcfg.get('min_top1', 0) > 0:
     [res] = evaluate.evaluate(evaluate.make_eval_step(teacher), [variables], config, mesh)
@@ -207,22 +227,18 @@ def load_teacher(config, num_classes, workdir, mesh):
   return teacher, variables
 
 
-def _init_student_from(config, variables, num_classes):
+def _init_student_from(config, variables, num_classes, mesh):
   """model.init_checkpoint: start the student from pretrained weights, head freshly initialised."""
   path = config.model.get('init_checkpoint') or ''
   if not path:
     return variables
   name = config.model.name
   shape = {k: v for k, v in _model_overrides(config, name, jnp.float32).items() if k != 'dtype'}
-  if os.path.isfile(path):
-    loaded = convert.from_timm(name, path, num_classes=num_classes, drop_head=True, **shape)
-  else:
-    loaded = checkpoint.load_variables(path)
-    loaded = {c: {k: v for k, v in tree.items() if k not in ('head', 'fc')} for c, tree in loaded.items()}
+  loaded = weights.load(path, name, num_classes, sharding.replicated(mesh), drop_head=True, **shape)
   merged = jax.tree_util.tree_map(lambda x: x, dict(variables))
   for collection, tree in loaded.items():
     for k, v in tree.items():
-      merged[collection][k] = jax.tree_util.tree_map(jnp.asarray, v)
+      merged[collection][k] = v
   convert.check_variables(name, merged, num_classes, **shape)
   logging.info('Initialised the student from %s (classifier left at its init).', path)
   return merged
@@ -236,6 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_config(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  check_shared_workdir(workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -283,8 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = trainer.init(rng)
     if config.model.get('init_checkpoint'):
       student_vars = _init_student_from(config, _student_variables(state.params, state.batch_stats),
-                                        info.num_classes)
-      student_vars = jax.device_put(student_vars, rep)
+                                        info.num_classes, mesh)
       state = state.replace(
           params={**state.params, 'student': student_vars['params']},
           batch_stats={**state.batch_stats, 'student': student_vars.get('batch_stats', {})},
@@ -319,19 +335,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ---- Loop ------------------------------------------------------------------
   # SIGTERM (a preempted VM, a cluster scheduler) -> checkpoint at the next step boundary, exit.
-  preempted = []
-  try:
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
-  except ValueError:  # not the main thread: the caller handles signals
-    previous_handler = None
+  # Several processes: jax.distributed.initialize() started JAX's preemption sync manager, which
+  # catches SIGTERM on any host and picks one step at which every host stops (and saves);
+  # orbax asks it through reached_preemption, every step. A Python handler would replace its
+  # signal handler and nothing would fire, so one is installed only for a single process.
+  preempted, previous_handler = [], None
+  if jax.process_count() == 1:
+    try:
+      previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    except ValueError:  # not the main thread: the caller handles signals
+      pass
 
   def should_stop(step):
-    stop = bool(preempted)
-    if jax.process_count() > 1:  # all hosts must agree, or the others block in collectives
-      if step % log_every:
-        return ckpt.reached_preemption(step)
-      stop = bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
-    return stop or ckpt.reached_preemption(step)
+    return bool(preempted) or ckpt.reached_preemption(step)
 
   train_iter = data.train_iterator(config, batch_size=per_host_batch, start_step=start_step,
                                    process_index=jax.process_index(),

@@ -1,7 +1,10 @@
 """Each augmentation against its definition: timm/PIL for RandAugment and resizing, the timm
 formulas for crop boxes, mixup/cutmix, random erasing and the eval crop."""
 import math
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -369,3 +372,43 @@ def test_random_erasing_equals_whole_batch_reference():
     for prob in (0.25, 1.0, 0.0):
       np.testing.assert_array_equal(augment.random_erasing(x, key, prob).numpy(),
                                     _reference_erasing(x, key, prob).numpy())
+
+
+@pytest.mark.parametrize('method,pil', [('bilinear', Image.BILINEAR), ('bicubic', Image.BICUBIC)])
+@pytest.mark.parametrize('h,w,oh,ow', [(37, 53, 224, 224), (53, 37, 224, 224), (37, 53, 37, 224),
+                                       (199, 301, 131, 97), (5, 3, 5, 7)])
+def test_resize_of_odd_sizes_matches_pil(method, pil, h, w, oh, ow):
+  img = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+  ref = np.asarray(Image.fromarray(img).resize((ow, oh), pil))
+  np.testing.assert_array_equal(augment.resize(tf.constant(img), (oh, ow), method).numpy(), ref)
+
+
+@pytest.mark.xfail(strict=True, reason='known: with the installed Pillow (13.0) some reductions '
+                   'of the height (here 301x199 -> 97x131, 5x3 -> 2x7) come out as if the vertical '
+                   'pass ran first; pat_jax always runs the horizontal pass first (1-6 levels off)')
+@pytest.mark.parametrize('h,w,oh,ow', [(301, 199, 97, 131), (5, 3, 2, 7)])
+def test_resize_reducing_the_height_matches_pil(h, w, oh, ow):
+  img = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+  ref = np.asarray(Image.fromarray(img).resize((ow, oh), Image.BICUBIC))
+  np.testing.assert_array_equal(augment.resize(tf.constant(img), (oh, ow), 'bicubic').numpy(), ref)
+
+
+def test_resizing_a_photo_needs_no_dense_matrix():
+  """A 2592x1944 camera JPEG to 224: host memory grows by the image and the small coefficient
+  matrices, not by an (H, 224, W) float64 array (9 GB)."""
+  code = '''
+import resource, sys
+import numpy as np, tensorflow as tf
+from pat_jax.data import augment
+augment.resize(tf.zeros((64, 64, 3), tf.uint8), (32, 32), 'bicubic')  # warm up TF
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+img = np.random.default_rng(0).integers(0, 256, (1944, 2592, 3), dtype=np.uint8)
+out = augment.resize(tf.constant(img), (224, 224), 'bicubic').numpy()
+print(out.shape, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+'''
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  shape, grown_mb = proc.stdout.strip().rsplit(' ', 1)
+  assert shape == '(224, 224, 3)'
+  assert int(grown_mb) < 500, f'peak host memory grew by {grown_mb} MB'

@@ -186,3 +186,28 @@ def test_slurm_job_needs_a_workdir(tmp_path):
                        env=env, capture_output=True, text=True, timeout=30)
   assert job.returncode == 2 and '--workdir' in job.stderr
   assert not log.exists()
+
+
+def test_compilation_cache_default_and_switch(monkeypatch):
+  from pat_jax import main  # pylint: disable=import-outside-toplevel
+  assert main.compilation_cache_dir(None, {'XDG_CACHE_HOME': '/c'}) == '/c/pat_jax/jax'
+  assert main.compilation_cache_dir(None, {'JAX_COMPILATION_CACHE_DIR': 'gs://b/cc'}) == 'gs://b/cc'
+  assert main.compilation_cache_dir('none', {'JAX_COMPILATION_CACHE_DIR': '/x'}) is None
+  assert main.compilation_cache_dir('/mine', {}) == '/mine'
+
+
+def test_device_check_dry_run_lists_every_benchmark(tmp_path):
+  proc = subprocess.run(['bash', os.path.join(REPO, 'launch', 'device_check.sh'), '--dry-run',
+                         str(tmp_path / 'out')], capture_output=True, text=True, timeout=60,
+                        env={**os.environ, 'BATCH': '128'})
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  assert all('-m pat_jax.bench' in l and '--json' in l for l in lines)
+  assert all(f'--compilation_cache={tmp_path}/out/jax_cache' in l for l in lines)
+  configs = [re.search(r'--config=(\S+)', l).group(1) for l in lines]
+  assert configs[:3] == ['configs/cifar_convnext_deit.py', 'configs/cifar_convnext_deit.py:kd',
+                         'configs/cifar_convnext_deit.py:student']
+  assert sum('--config.dtype=float32' in l for l in lines) == 1
+  assert sum('--config.batch_size=256' in l for l in lines) == 1
+  assert '--breakdown' in lines[-1]
+  assert not os.path.exists(tmp_path / 'out' / 'device_check.jsonl')  # nothing ran

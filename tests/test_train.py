@@ -7,6 +7,7 @@ and config errors.
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -110,13 +111,23 @@ def test_workdir_contents_and_eval_mode_reproduces_logged_accuracy(data_dir, tmp
   assert got['top1'] == pytest.approx(last_eval['eval_top1'], abs=1e-9)
   ema = evaluate.evaluate_checkpoint(cfg, wd, ema=True)
   assert ema['top1'] == pytest.approx(last_eval['ema_eval_top1'], abs=1e-9)
-  # The CLI prints exactly one JSON line with the four keys.
-  out = subprocess.run([sys.executable, '-m', 'pat_jax.main', f'--config={REPO}/configs/digits_demo.py:none',
-                        f'--checkpoint={wd}', '--mode=eval', f'--config.dataset.data_dir={data_dir}'],
-                       capture_output=True, text=True, check=True, cwd=REPO, timeout=300).stdout
+  # The CLI prints exactly one JSON line with the four keys. It keeps its compiled programs in
+  # the persistent cache (--compilation_cache): a second start compiles nothing new.
+  cache = tmp_path / 'jax_cache'
+
+  def eval_cli():
+    return subprocess.run([sys.executable, '-m', 'pat_jax.main', f'--config={REPO}/configs/digits_demo.py:none',
+                           f'--checkpoint={wd}', '--mode=eval', f'--config.dataset.data_dir={data_dir}',
+                           f'--compilation_cache={cache}'],
+                          capture_output=True, text=True, check=True, cwd=REPO, timeout=300).stdout
+  out = eval_cli()
   line = json.loads(out.strip().splitlines()[-1])
   assert set(line) == {'top1', 'top5', 'num_examples', 'step'}
   assert line['top1'] == pytest.approx(last_eval['eval_top1'], abs=1e-3)
+  entries = sorted(os.listdir(cache))
+  assert entries
+  assert json.loads(eval_cli().strip().splitlines()[-1]) == line
+  assert sorted(os.listdir(cache)) == entries
 
 
 class _Run:
@@ -271,24 +282,72 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(data_dir, tmp_path):
-  """jax.distributed on localhost: 2 processes x 1 CPU device == 1 process x 2 devices."""
+def test_sigterm_on_one_of_two_processes_stops_both_at_one_step(data_dir, tmp_path):
+  """jax.distributed on localhost, 2 processes x 1 CPU device, and a preemption notice to one of
+  them: JAX's preemption sync makes both save the same step and exit 0 (log_every_steps=40: the
+  decision does not wait for a logging step); the restarted pair resumes there and ends where
+  1 process x 2 devices ends."""
   common = [f'--config={REPO}/configs/digits_demo.py:none', f'--config.dataset.data_dir={data_dir}',
-            '--config.total_steps=4', '--config.log_every_steps=1', '--config.eval_every_steps=4',
-            '--config.batch_size=16', '--config.teacher.name=', '--config.aug.mixup=0',
-            '--config.aug.cutmix=0', '--config.aug.reprob=0', '--config.aug.randaugment=']
+            '--config.total_steps=40', '--config.log_every_steps=40', '--config.eval_every_steps=40',
+            '--config.checkpoint_every_steps=4', '--config.batch_size=16', '--config.teacher.name=',
+            '--config.aug.mixup=0', '--config.aug.cutmix=0', '--config.aug.reprob=0',
+            '--config.aug.randaugment=']
   one = str(tmp_path / 'one')
   proc = _launch(common + [f'--workdir={one}'])
   assert proc.wait(timeout=900) == 0, proc.output()[-3000:]
 
-  two, port = str(tmp_path / 'two'), _free_port()
+  two = str(tmp_path / 'two')
   env = {'XLA_FLAGS': xla_flags.flags(1)}
-  procs = [_launch(common + [f'--workdir={two}', f'--coordinator_address=127.0.0.1:{port}',
-                             '--num_processes=2', f'--process_id={i}'], env) for i in range(2)]
+
+  def start_pair():
+    port = _free_port()
+    return [_launch(common + [f'--workdir={two}', f'--coordinator_address=127.0.0.1:{port}',
+                              '--num_processes=2', f'--process_id={i}'], env) for i in range(2)]
+  procs = start_pair()
+  _wait_for_step(two, 4, procs[0])
+  procs[1].send_signal(signal.SIGTERM)  # only the second host is told
+  for p in procs:
+    assert p.wait(timeout=300) == 0, p.output()[-3000:]
+  stops = [re.search(r'Preempted at step (\d+)', p.output()) for p in procs]
+  assert all(stops), [p.output()[-2000:] for p in procs]
+  assert stops[0].group(1) == stops[1].group(1)
+  stop = int(stops[0].group(1))
+  assert stop < 40 and os.path.isdir(os.path.join(two, 'checkpoints', str(stop)))
+
+  procs = start_pair()
   for p in procs:
     assert p.wait(timeout=900) == 0, p.output()[-3000:]
+    assert 'Resumed from' in p.output()
   l1 = [m['train_loss'] for m in _metrics(one) if 'train_loss' in m]
   l2 = [m['train_loss'] for m in _metrics(two) if 'train_loss' in m]
   np.testing.assert_allclose(l1, l2, atol=1e-5)
   for x, y in zip(jax.tree_util.tree_leaves(_final(one)), jax.tree_util.tree_leaves(_final(two))):
     np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-5, atol=1e-5)
+
+  # --mode=eval on both processes: each reads the checkpoint onto the global mesh itself (no
+  # cross-host device transfer); the JSON line comes once, equal to a 1-process evaluation.
+  ev = common[:2] + ['--mode=eval', f'--checkpoint={one}']
+  single = _launch(ev)
+  assert single.wait(timeout=600) == 0, single.output()[-3000:]
+  port = _free_port()
+  pair = [_launch(ev + [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                        f'--process_id={i}'], env) for i in range(2)]
+  for p in pair:
+    assert p.wait(timeout=600) == 0, p.output()[-3000:]
+  lines = [[json.loads(l) for l in p.output().splitlines() if l.startswith('{"top1"')]
+           for p in [single] + pair]
+  assert len(lines[0]) == 1 and len(lines[1]) == 1 and not lines[2], lines
+  assert lines[1] == lines[0] and lines[0][0]['num_examples'] == 297
+
+
+def test_processes_that_do_not_share_the_workdir_stop(tmp_path):
+  """Each host writing its own local disk would scatter the run: found before any step."""
+  port = _free_port()
+  procs = [_launch([f'--config={REPO}/configs/digits_demo.py:none', '--config.teacher.name=',
+                    f'--workdir={tmp_path}/host{i}', f'--coordinator_address=127.0.0.1:{port}',
+                    '--num_processes=2', f'--process_id={i}'], {'XLA_FLAGS': xla_flags.flags(1)})
+           for i in range(2)]
+  for p in procs:
+    assert p.wait(timeout=300) == 2, p.output()[-3000:]
+  assert 'is not one folder for all 2 processes: process(es) [1]' in procs[0].output()
+  assert 'Traceback' not in procs[0].output()

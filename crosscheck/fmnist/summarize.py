@@ -40,9 +40,9 @@ for p in sorted(glob.glob(os.path.join(RUNS, '*.json'))):
   runs[(r['method'], r['seed'])] = r
   shutil.copy(p, os.path.join(RESULTS, os.path.basename(p)))
 
-METHODS = ['none', 'kd', 'pat']
-LABEL = {'none': 'student alone', 'kd': 'KD', 'pat': 'PAT'}
-JAX_DIR = {'none': 'student', 'kd': 'kd', 'pat': 'default'}
+METHODS = ['none', 'kd', 'fitnet', 'pat']
+LABEL = {'none': 'student alone', 'kd': 'KD', 'fitnet': 'FitNet', 'pat': 'PAT'}
+JAX_DIR = {'none': 'student', 'kd': 'kd', 'fitnet': 'fitnet', 'pat': 'default'}
 METRICS = [('best_val_top1', 'best val'), ('final_val_raw_top1', 'final val raw'),
            ('final_val_ema_top1', 'final val EMA'), ('test_raw_top1', 'test raw'),
            ('test_ema_top1', 'test EMA')]

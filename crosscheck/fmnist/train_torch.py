@@ -3,7 +3,7 @@ pat_jax/miniature.py), driven the way the ORIGINAL train.py drives a distiller, 
 distiller classes (distillers.Vanilla / KD / PAT, unmodified, imported from $PAT_OFFICIAL_REPO).
 Adapted from the digits cross-check harness (shared/peer/digits_crosscheck/train_torch.py).
 
-  $PEER_PY train_torch.py --method {none,kd,pat} --seed 0 --out DIR [--epochs 15]
+  $PEER_PY train_torch.py --method {none,kd,pat,fitnet} --seed 0 --out DIR [--epochs 15]
                          [--student {mini_deit,mini_resmlp}]   (default mini_deit)
 
 The student is pat_jax's configs/fmnist_vit.py (mini_deit) or configs/fmnist_mlp.py (mini_resmlp)
@@ -55,7 +55,7 @@ from distillers import get_distiller  # noqa: E402  (original repo, unmodified)
 
 def parse():
   p = argparse.ArgumentParser()
-  p.add_argument('--method', choices=['none', 'kd', 'pat'], required=True)
+  p.add_argument('--method', choices=['none', 'kd', 'pat', 'fitnet'], required=True)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--epochs', type=int, default=15)
   p.add_argument('--threads', type=int, default=1)
@@ -91,11 +91,33 @@ def main():
   args = types.SimpleNamespace(
       gt_loss_weight=1.0, kd_loss_weight=1.0, kd_temperature=1,
       pat_afp_stage=[1, 2, 3, 4], pat_mse_loss_weight=1.0, pat_reg_loss_weight=1.0,
-      pat_raa_num_queries=64, pat_raa_dim=a.raa_dim)
+      pat_raa_num_queries=64, pat_raa_dim=a.raa_dim,
+      fitnet_stages=[1, 2, 3, 4], fitnet_loss_weight=1.0, rank=0)  # train.py's FitNet defaults
   criterion = LabelSmoothingCrossEntropy(smoothing=0.1)
-  Distiller = get_distiller({'none': 'vanilla', 'kd': 'kd', 'pat': 'pat'}[a.method])
+  if a.method == 'fitnet':
+    # ADAPTATION: the original's ConvNeXt stage_info returns convnext_tiny's shapes at 224x224
+    # ((96, 56, 56) ... (768, 7, 7)); FitNet builds its aligners from them (PAT measures the
+    # shapes with a dummy forward instead). The mini teacher at 32x32 has (16, 8, 8), (24, 4, 4),
+    # (32, 2, 2), (48, 1, 1): the same indices, its real shapes.
+    real = {1: (16, 8, 8), 2: (24, 4, 4), 3: (32, 2, 2), 4: (48, 1, 1), -1: 48}
+    original = teacher.stage_info
+    teacher.stage_info = lambda stage: (original(stage)[0], real[stage])
+  Distiller = get_distiller({'none': 'vanilla', 'kd': 'kd', 'pat': 'pat', 'fitnet': 'fitnet'}[a.method])
   distiller = Distiller(student, teacher=teacher, criterion=criterion, args=args,
                         num_data=len(ytr), input_size=(3, 32, 32))
+  if a.method == 'fitnet':
+    # ADAPTATION: FitNet's CNN-teacher/token-student aligner for a teacher map smaller than the
+    # token grid reshapes with `lambda x: ... x.view(B, H, H, C)`, a closure over the loop
+    # variable H: every stage's lambda sees the LAST stage's H. In the paper's setting only
+    # stage 4 takes that branch, so it never shows; here stages 2-4 do (H = 4, 2, 1) and the
+    # original crashes. Each lambda is rebound to its own stage's H (what the code means, and
+    # what pat_jax computes).
+    from distillers.utils import LambdaModule  # pylint: disable=import-outside-toplevel
+    for stage in args.fitnet_stages:
+      aligner = distiller.projector[str(stage)]['aligner']
+      if isinstance(aligner, torch.nn.Sequential) and isinstance(aligner[1], LambdaModule):
+        h = real[stage][1]
+        aligner[1].fn = lambda x, h=h: torch.einsum('nhwc->nchw', x.view(x.size(0), h, h, x.size(-1))).contiguous()
   n_student, n_extra = distiller.get_learnable_parameters()
   distiller = distiller.cuda()  # no-op on CPU (common.cpu_only_patches)
 

@@ -7,13 +7,8 @@
 
 `config.dataset = data.default_config()`, `config.aug = data.vit_recipe()` (or `cnn_recipe()`).
 """
-from pat_jax.data.pipeline import DatasetInfo
-from pat_jax.data.pipeline import eval_dataset
-from pat_jax.data.pipeline import eval_iterator
-from pat_jax.data.pipeline import get_info
-from pat_jax.data.pipeline import steps_per_epoch
-from pat_jax.data.pipeline import train_dataset
-from pat_jax.data.pipeline import train_iterator
+import importlib
+
 from pat_jax.data.recipes import CIFAR_MEAN
 from pat_jax.data.recipes import CIFAR_STD
 from pat_jax.data.recipes import IMAGENET_MEAN
@@ -22,6 +17,20 @@ from pat_jax.data.recipes import cnn_recipe
 from pat_jax.data.recipes import crop_pct_for
 from pat_jax.data.recipes import default_config
 from pat_jax.data.recipes import vit_recipe
-from pat_jax.data.sources import DatasetNotPreparedError
-from pat_jax.data.sources import clear_cache
-from pat_jax.data.sources import register_arrays
+
+# The pipeline's names load on first use, and TensorFlow with them: configs, models, the
+# train step and `pat_jax.bench` import this package without TensorFlow installed.
+_LAZY = {
+    'DatasetInfo': 'pipeline', 'eval_dataset': 'pipeline', 'eval_iterator': 'pipeline',
+    'get_info': 'pipeline', 'steps_per_epoch': 'pipeline', 'train_dataset': 'pipeline',
+    'train_iterator': 'pipeline', 'DatasetNotPreparedError': 'sources',
+    'clear_cache': 'sources', 'register_arrays': 'sources',
+}
+
+
+def __getattr__(name):
+  if name not in _LAZY:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  value = getattr(importlib.import_module(f'{__name__}.{_LAZY[name]}'), name)
+  globals()[name] = value
+  return value

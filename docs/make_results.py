@@ -1,0 +1,174 @@
+"""Rebuilds the Fashion-MNIST tables and plots of docs/RESULTS.md from the run folders.
+
+    python docs/make_results.py [ROOT]     # ROOT: the grid's folder (default workdirs/miniature)
+
+Reads ROOT/{vit,mlp}/<experiment>/seed<N>/result.json (what `launch/miniature.sh` writes),
+replaces the text between the <!-- TAG --> markers of docs/RESULTS.md, and writes the PNGs
+under docs/ with `pat_jax.report`'s plotting. With XCHECK_DATA set (the original code's runs,
+crosscheck/fmnist/README.md) it also rebuilds the cross-check table. Only finished runs count.
+"""
+import json
+import os
+import re
+import statistics as st
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+from pat_jax import report  # pylint: disable=wrong-import-position
+
+SEEDS = (0, 1, 2)
+NAMES = {'student': 'student alone', 'kd': 'KD', 'fitnet': 'FitNet', 'default': 'PAT (RAA+AFP)',
+         'corrected': 'PAT, quirks corrected', 'no_afp': 'RAA only (no AFP)',
+         'no_raa': 'AFP only (no RAA)'}
+TEACHER = '| teacher (mini ConvNeXt, all 54,000 images) | 1 | 85.77 | 85.31 | | |'
+
+
+def runs(root, student, exp):
+  """{seed: result.json} of the finished runs of one experiment."""
+  out = {}
+  for seed in SEEDS:
+    path = os.path.join(root, student, exp, f'seed{seed}', 'result.json')
+    if os.path.exists(path):
+      out[seed] = json.load(open(path, encoding='utf-8'))
+  return out
+
+
+def ms(values):
+  if not values:
+    return '–'
+  return f'{st.fmean(values):.2f} ± {st.stdev(values):.2f}' if len(values) > 1 else f'{values[0]:.2f}'
+
+
+def ci95(values):
+  """Mean and 95% t-interval of paired differences (n = 2..5)."""
+  t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}[len(values)]
+  m, h = st.fmean(values), t * st.stdev(values) / len(values) ** 0.5
+  return f'{m:+.2f} [{m - h:+.2f}, {m + h:+.2f}]'
+
+
+def method_table(root, student, exps, teacher=True):
+  rows = ['| method | finished seeds | val best (mean ± sd) | test (mean ± sd) | per seed: val best / test | min per run |',
+          '|---|---|---|---|---|---|']
+  for exp in exps:
+    r = runs(root, student, exp)
+    if not r and exp not in ('student', 'kd', 'default'):
+      continue
+    val = [x['best_top1'] for x in r.values()]
+    test = [x['test_top1'] for x in r.values()]
+    seeds = ', '.join(f's{s} {x["best_top1"]:.2f} / {x["test_top1"]:.2f}' for s, x in r.items())
+    mins = f'{st.fmean(x["wall_s"] for x in r.values()) / 60:.1f}' if r else '–'
+    rows.append(f'| {NAMES[exp]} | {len(r)} | {ms(val)} | {ms(test)} | {seeds} | {mins} |')
+  return '\n'.join(rows + ([TEACHER] if teacher else []))
+
+
+def paired(root, student, pairs, names=NAMES):
+  rows = ['| pair | seeds | val best, per seed | val: mean [95% CI] | test, per seed | test: mean [95% CI] |',
+          '|---|---|---|---|---|---|']
+  for a, b in pairs:
+    ra, rb = runs(root, student, a), runs(root, student, b)
+    common = sorted(set(ra) & set(rb))
+    if len(common) < 2:
+      continue
+    dv = [ra[s]['best_top1'] - rb[s]['best_top1'] for s in common]
+    dt = [ra[s]['test_top1'] - rb[s]['test_top1'] for s in common]
+    rows.append(f'| {names.get(a, a)} − {names.get(b, b)} | {len(common)} | '
+                + ', '.join(f's{s} {v:+.2f}' for s, v in zip(common, dv)) + f' | {ci95(dv)} | '
+                + ', '.join(f's{s} {v:+.2f}' for s, v in zip(common, dt)) + f' | {ci95(dt)} |')
+  return '\n'.join(rows)
+
+
+def fraction_table(root):
+  rows = ['| training images | student alone: val best | PAT: val best | PAT − alone, val (per seed) | student alone: test | PAT: test | PAT − alone, test (per seed) |',
+          '|---|---|---|---|---|---|---|']
+  points = []
+  for f in ('0.25', '0.5', '0.75', '1'):
+    a_exp, p_exp = ('student', 'default') if f == '1' else (f'fraction={f}+student', f'fraction={f}')
+    ra, rp = runs(root, 'vit', a_exp), runs(root, 'vit', p_exp)
+    common = sorted(set(ra) & set(rp))
+    n_img = int(round(5400 * float(f)))
+    dv = [rp[s]['best_top1'] - ra[s]['best_top1'] for s in common]
+    dt = [rp[s]['test_top1'] - ra[s]['test_top1'] for s in common]
+    rows.append(f'| {n_img:,} ({float(f):.0%}) | {ms([x["best_top1"] for x in ra.values()])} '
+                f'| {ms([x["best_top1"] for x in rp.values()])} | '
+                + (', '.join(f'{v:+.2f}' for v in dv) or '–') + ' | '
+                f'{ms([x["test_top1"] for x in ra.values()])} | {ms([x["test_top1"] for x in rp.values()])} | '
+                + (', '.join(f'{v:+.2f}' for v in dt) or '–') + ' |')
+    points.append((n_img, [x['best_top1'] for x in ra.values()], [x['best_top1'] for x in rp.values()]))
+  return '\n'.join(rows), points
+
+
+def fraction_plot(points, path):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for i, label in ((1, 'student alone'), (2, 'PAT')):
+    pts = [(p[0], p[i]) for p in points if p[i]]  # (images, [val best of each seed])
+    ax.errorbar([n for n, _ in pts], [st.fmean(v) for _, v in pts],
+                yerr=[st.stdev(v) if len(v) > 1 else 0 for _, v in pts], marker='o', capsize=3,
+                label=f'{label} (mean ± sd over seeds)')
+  ax.set_xlabel('training images (nested subsets of the 5,400)')
+  ax.set_ylabel('validation top-1 (%), best epoch')
+  ax.set_title('Fashion-MNIST, mini ConvNeXt -> mini DeiT: less data (paper Table 2)', fontsize='medium')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize='small')
+  fig.savefig(path, dpi=100, bbox_inches='tight')
+  plt.close(fig)
+
+
+def plots(root, student, exps, stem):
+  folders = [os.path.join(root, student, e) for e in exps if runs(root, student, e)]
+  experiments = [(NAMES[os.path.basename(f)], r) for f in folders
+                 for _, r in report._gather([f])]  # pylint: disable=protected-access
+  experiments = [(n, [x for x in r if x['finished']]) for n, r in experiments]
+  title = {'vit': 'mini DeiT', 'mlp': 'mini ResMLP'}[student]
+  report.plot(experiments, 'accuracy', 'validation top-1 (%), best of raw and EMA',
+              f'Fashion-MNIST, mini ConvNeXt -> {title}', os.path.join(HERE, f'{stem}_accuracy.png'))
+  report.plot(experiments, 'loss', 'train loss', f'Fashion-MNIST, mini ConvNeXt -> {title}',
+              os.path.join(HERE, f'{stem}_loss.png'))
+
+
+def put(doc, tag, text):
+  pat = re.compile(f'<!-- {tag} -->.*?<!-- /{tag} -->', re.S)
+  if not pat.search(doc):
+    raise SystemExit(f'docs/RESULTS.md has no <!-- {tag} --> ... <!-- /{tag} --> block.')
+  return pat.sub(lambda m: f'<!-- {tag} -->\n{text}\n<!-- /{tag} -->', doc)
+
+
+def main():
+  root = sys.argv[1] if len(sys.argv) > 1 else os.path.join(REPO, 'workdirs', 'miniature')
+  methods = ('student', 'kd', 'fitnet', 'default', 'corrected')
+  ablation = ('fitnet', 'no_afp', 'no_raa', 'default')
+  method_pairs = [('default', 'student'), ('default', 'kd'), ('kd', 'student'), ('fitnet', 'student'),
+                  ('default', 'fitnet'), ('corrected', 'default')]
+  ablation_pairs = [('default', 'no_afp'), ('default', 'no_raa'), ('no_afp', 'fitnet'),
+                    ('no_raa', 'fitnet'), ('default', 'fitnet')]
+  doc = open(os.path.join(HERE, 'RESULTS.md'), encoding='utf-8').read()
+  for student in ('vit', 'mlp'):
+    tag = student.upper()
+    doc = put(doc, f'{tag}_TABLE', method_table(root, student, methods) + '\n\nPaired by seed (same '
+              'seed: same student initialisation and batches):\n\n' + paired(root, student, method_pairs))
+    doc = put(doc, f'{tag}_ABLATION', method_table(root, student, ablation, teacher=False)
+              + '\n\n' + paired(root, student, ablation_pairs))
+    plots(root, student, methods, f'fmnist_{student}')
+    plots(root, student, ablation, f'fmnist_{student}_ablation')
+  table, points = fraction_table(root)
+  doc = put(doc, 'FRACTION_TABLE', table)
+  fraction_plot(points, os.path.join(HERE, 'fmnist_vit_fractions.png'))
+  if os.environ.get('XCHECK_DATA'):
+    x = subprocess.run([sys.executable, 'summarize.py'], cwd=os.path.join(REPO, 'crosscheck', 'fmnist'),
+                       capture_output=True, text=True, check=True,
+                       env=dict(os.environ, PAT_JAX_MINIATURE=os.path.join(root, 'vit'))).stdout
+    mean = x[x.index('## Mean'):x.index('## Paired')].split('\n', 2)[2].strip()
+    pairs = x[x.index('## Paired differences, original'):x.index('## Same differences')].split('\n', 2)[2].strip()
+    doc = put(doc, 'XCHECK_TABLE', mean.replace(' ± nan', '') + '\n\nPaired differences of the original '
+              '(its own seeds):\n\n' + pairs.replace('\tnan', '').replace('| nan |', '| – |'))
+  open(os.path.join(HERE, 'RESULTS.md'), 'w', encoding='utf-8').write(doc)
+  print(doc[doc.index('## Method comparison'):doc.index('## Original code on the miniature')])
+
+
+if __name__ == '__main__':
+  main()
