@@ -12,7 +12,9 @@
 # 2. PAT's step split into its parts (`--breakdown`): where the time goes.
 # Writes OUT/device_check.jsonl (one JSON line per benchmark, a failed one as {"error": ...})
 # and OUT/device_check.md (a table), and prints the table. Env: CONFIG (default
-# configs/cifar_convnext_deit.py), BATCH (128), STEPS (10), PYTHON (python).
+# configs/cifar_convnext_deit.py), BATCH (128), STEPS (10), PYTHON (python), STUDENT_ARG (the
+# config argument of the student alone: `student`; `none` for configs/digits_demo.py).
+# CPU smoke: CONFIG=configs/digits_demo.py STUDENT_ARG=none BATCH=8 STEPS=2 launch/device_check.sh
 set -uo pipefail
 DRY=0
 [ "${1:-}" = "--dry-run" ] && { DRY=1; shift; }
@@ -46,7 +48,7 @@ bench() {  # bench LABEL CONFIG_ARG [bench flags...]: one JSON line, labelled, i
 B="--config.batch_size=$BATCH"
 bench pat_bf16 "" "$B" --config.dtype=bfloat16
 bench kd_bf16 ":kd" "$B" --config.dtype=bfloat16
-bench student_bf16 ":student" "$B" --config.dtype=bfloat16
+bench student_bf16 ":${STUDENT_ARG:-student}" "$B" --config.dtype=bfloat16
 bench pat_bf16_cached "" "$B" --config.dtype=bfloat16   # the same program: a restart's compile
 bench pat_fp32 "" "$B" --config.dtype=float32
 for m in 2 4; do  # the largest batch that fits: stop at the first that does not
@@ -73,7 +75,7 @@ for r in rows:
 parts = [r for r in rows if r.get('label') == 'pat_bf16_breakdown' and 'error' not in r]
 if parts:
   extra = {k: v for k, v in parts[0].items() if k.endswith('_s') and k not in (
-      'step_time_s', 'step_time_min_s', 'step_time_max_s', 'compile_s')}
+      'step_time_s', 'step_time_min_s', 'step_time_max_s', 'compile_s', 'img_per_s')}
   out += ['', 'PAT step, by part (s): ' + ', '.join(f'{k} {v:.4f}' for k, v in extra.items())]
 text = '\n'.join(out) + '\n'
 open(sys.argv[2], 'w').write(text)
