@@ -91,12 +91,12 @@ def check_platform(environ=os.environ, dev_dir='/dev'):
   holding the TPU ("already in use by process ...").
   """
   if jax.default_backend() == 'gpu':
-    expected = host_gpu_count(environ, dev_dir) // slurm_tasks_on_this_node(environ)
-    if jax.local_device_count() < expected and environ.get(ALLOW_FEWER_ENV, '') != '1':
+    gpus, tasks, seen = host_gpu_count(environ, dev_dir), slurm_tasks_on_this_node(environ), jax.local_device_count()
+    expected = gpus // tasks
+    if seen < expected and environ.get(ALLOW_FEWER_ENV, '') != '1':
       raise errors.ConfigError(
-          f'This process sees {jax.local_device_count()} GPU(s) but the host gives the job '
-          f'{host_gpu_count(environ, dev_dir)} for {slurm_tasks_on_this_node(environ)} process(es): '
-          f'{expected - jax.local_device_count()} would sit idle. Under SLURM, start one task per '
+          f'This process sees {seen} GPU(s) but the host gives the job {gpus} for {tasks} '
+          f'process(es): {expected - seen} would sit idle. Under SLURM, start one task per '
           f'node (launch/slurm.sbatch) or one per GPU; set CUDA_VISIBLE_DEVICES to use fewer on '
           f'purpose, or {ALLOW_FEWER_ENV}=1.')
     return
