@@ -1,15 +1,21 @@
-"""Rebuilds the Fashion-MNIST tables and plots of docs/RESULTS.md from the run folders.
+"""Rebuilds the Fashion-MNIST tables and plots of docs/RESULTS.md from the archived runs.
 
     python docs/make_results.py [ROOT]     # ROOT: the grid's folder (default workdirs/miniature)
 
-Reads ROOT/{vit,mlp}/<experiment>/seed<N>/result.json (what `launch/miniature.sh` writes),
-replaces the text between the <!-- TAG --> markers of docs/RESULTS.md, and writes the PNGs
-under docs/ with `pat_jax.report`'s plotting. With XCHECK_DATA set (the original code's runs,
+First copies every finished run of ROOT/{vit,mlp}/<experiment>/seed<N>/ (what
+`launch/miniature.sh` writes) into the archive docs/runs/ (its result.json, config.json and
+metrics.jsonl: a few kB, committed, so the evidence outlives the machine that ran it; the run
+folders of 2026-12-02's grid were lost that way). Then replaces the text between the
+<!-- TAG --> markers of docs/RESULTS.md with tables built from the archive, and writes the PNGs
+under docs/ with `pat_jax.report`'s plotting. A plot is rewritten only when every archived run
+in it has its curves (metrics.jsonl); archived runs without one are the lost runs' numbers
+(docs/runs/README.md). With XCHECK_DATA set (the original code's runs,
 crosscheck/fmnist/README.md) it also rebuilds the cross-check table. Only finished runs count.
 """
 import json
 import os
 import re
+import shutil
 import statistics as st
 import subprocess
 import sys
@@ -23,17 +29,44 @@ SEEDS = (0, 1, 2)
 NAMES = {'student': 'student alone', 'kd': 'KD', 'fitnet': 'FitNet', 'default': 'PAT (RAA+AFP)',
          'corrected': 'PAT, quirks corrected', 'no_afp': 'RAA only (no AFP)',
          'no_raa': 'AFP only (no RAA)'}
+ARCHIVE = os.path.join(HERE, 'runs')
+RUN_FILES = ('result.json', 'config.json', 'metrics.jsonl')
 TEACHER = '| teacher (mini ConvNeXt, all 54,000 images) | 1 | 85.77 | 85.31 | | |'
 
 
-def runs(root, student, exp):
-  """{seed: result.json} of the finished runs of one experiment."""
+def archive(root):
+  """Copies the finished runs under ROOT into ARCHIVE (a rerun replaces the archived one)."""
+  copied = []
+  for student in ('vit', 'mlp', 'teacher'):
+    for rundir in report.find_runs(os.path.join(root, student)) if os.path.isdir(os.path.join(root, student)) else []:
+      result = report.read_json(os.path.join(rundir, 'result.json'))
+      if not (isinstance(result, dict) and 'best_top1' in result):
+        continue  # still training
+      dest = os.path.join(ARCHIVE, student, os.path.relpath(rundir, os.path.join(root, student)))
+      os.makedirs(dest, exist_ok=True)
+      for name in os.listdir(dest):  # a lost run's numbers give way to the real run
+        if name not in RUN_FILES:
+          os.remove(os.path.join(dest, name))
+      for name in RUN_FILES:
+        if os.path.exists(os.path.join(rundir, name)):
+          shutil.copyfile(os.path.join(rundir, name), os.path.join(dest, name))
+      copied.append(os.path.relpath(dest, ARCHIVE))
+  return copied
+
+
+def runs(student, exp):
+  """{seed: result.json} of the archived finished runs of one experiment."""
   out = {}
   for seed in SEEDS:
-    path = os.path.join(root, student, exp, f'seed{seed}', 'result.json')
+    path = os.path.join(ARCHIVE, student, exp, f'seed{seed}', 'result.json')
     if os.path.exists(path):
       out[seed] = json.load(open(path, encoding='utf-8'))
   return out
+
+
+def minutes(result):
+  """Wall minutes of a run; the lost runs kept only their method's mean."""
+  return result['wall_s'] / 60 if result.get('wall_s') is not None else result['method_mean_wall_min']
 
 
 def ms(values):
@@ -49,26 +82,26 @@ def ci95(values):
   return f'{m:+.2f} [{m - h:+.2f}, {m + h:+.2f}]'
 
 
-def method_table(root, student, exps, teacher=True):
+def method_table(student, exps, teacher=True):
   rows = ['| method | finished seeds | val best (mean ± sd) | test (mean ± sd) | per seed: val best / test | min per run |',
           '|---|---|---|---|---|---|']
   for exp in exps:
-    r = runs(root, student, exp)
+    r = runs(student, exp)
     if not r and exp not in ('student', 'kd', 'default'):
       continue
     val = [x['best_top1'] for x in r.values()]
     test = [x['test_top1'] for x in r.values()]
     seeds = ', '.join(f's{s} {x["best_top1"]:.2f} / {x["test_top1"]:.2f}' for s, x in r.items())
-    mins = f'{st.fmean(x["wall_s"] for x in r.values()) / 60:.1f}' if r else '–'
+    mins = f'{st.fmean(minutes(x) for x in r.values()):.1f}' if r else '–'
     rows.append(f'| {NAMES[exp]} | {len(r)} | {ms(val)} | {ms(test)} | {seeds} | {mins} |')
   return '\n'.join(rows + ([TEACHER] if teacher else []))
 
 
-def paired(root, student, pairs, names=NAMES):
+def paired(student, pairs, names=NAMES):
   rows = ['| pair | seeds | val best, per seed | val: mean [95% CI] | test, per seed | test: mean [95% CI] |',
           '|---|---|---|---|---|---|']
   for a, b in pairs:
-    ra, rb = runs(root, student, a), runs(root, student, b)
+    ra, rb = runs(student, a), runs(student, b)
     common = sorted(set(ra) & set(rb))
     if len(common) < 2:
       continue
@@ -80,13 +113,13 @@ def paired(root, student, pairs, names=NAMES):
   return '\n'.join(rows)
 
 
-def fraction_table(root):
+def fraction_table():
   rows = ['| training images | student alone: val best | PAT: val best | PAT − alone, val (per seed) | student alone: test | PAT: test | PAT − alone, test (per seed) |',
           '|---|---|---|---|---|---|---|']
   points = []
   for f in ('0.25', '0.5', '0.75', '1'):
     a_exp, p_exp = ('student', 'default') if f == '1' else (f'fraction={f}+student', f'fraction={f}')
-    ra, rp = runs(root, 'vit', a_exp), runs(root, 'vit', p_exp)
+    ra, rp = runs('vit', a_exp), runs('vit', p_exp)
     common = sorted(set(ra) & set(rp))
     n_img = int(round(5400 * float(f)))
     dv = [rp[s]['best_top1'] - ra[s]['best_top1'] for s in common]
@@ -119,8 +152,13 @@ def fraction_plot(points, path):
   plt.close(fig)
 
 
-def plots(root, student, exps, stem):
-  folders = [os.path.join(root, student, e) for e in exps if runs(root, student, e)]
+def plots(student, exps, stem):
+  folders = [os.path.join(ARCHIVE, student, e) for e in exps if runs(student, e)]
+  lost = [os.path.relpath(os.path.join(f, s), ARCHIVE) for f in folders for s in os.listdir(f)
+          if not os.path.exists(os.path.join(f, s, 'metrics.jsonl'))]
+  if lost:
+    print(f'kept docs/{stem}_*.png: no curves for {", ".join(sorted(lost))}')
+    return
   experiments = [(NAMES[os.path.basename(f)], r) for f in folders
                  for _, r in report._gather([f])]  # pylint: disable=protected-access
   experiments = [(n, [x for x in r if x['finished']]) for n, r in experiments]
@@ -140,6 +178,8 @@ def put(doc, tag, text):
 
 def main():
   root = sys.argv[1] if len(sys.argv) > 1 else os.path.join(REPO, 'workdirs', 'miniature')
+  for run in archive(root):
+    print(f'archived docs/runs/{run}')
   methods = ('student', 'kd', 'fitnet', 'default', 'corrected')
   ablation = ('fitnet', 'no_afp', 'no_raa', 'default')
   method_pairs = [('default', 'student'), ('default', 'kd'), ('kd', 'student'), ('fitnet', 'student'),
@@ -149,19 +189,19 @@ def main():
   doc = open(os.path.join(HERE, 'RESULTS.md'), encoding='utf-8').read()
   for student in ('vit', 'mlp'):
     tag = student.upper()
-    doc = put(doc, f'{tag}_TABLE', method_table(root, student, methods) + '\n\nPaired by seed (same '
-              'seed: same student initialisation and batches):\n\n' + paired(root, student, method_pairs))
-    doc = put(doc, f'{tag}_ABLATION', method_table(root, student, ablation, teacher=False)
-              + '\n\n' + paired(root, student, ablation_pairs))
-    plots(root, student, methods, f'fmnist_{student}')
-    plots(root, student, ablation, f'fmnist_{student}_ablation')
-  table, points = fraction_table(root)
+    doc = put(doc, f'{tag}_TABLE', method_table(student, methods) + '\n\nPaired by seed (same '
+              'seed: same student initialisation and batches):\n\n' + paired(student, method_pairs))
+    doc = put(doc, f'{tag}_ABLATION', method_table(student, ablation, teacher=False)
+              + '\n\n' + paired(student, ablation_pairs))
+    plots(student, methods, f'fmnist_{student}')
+    plots(student, ablation, f'fmnist_{student}_ablation')
+  table, points = fraction_table()
   doc = put(doc, 'FRACTION_TABLE', table)
   fraction_plot(points, os.path.join(HERE, 'fmnist_vit_fractions.png'))
   if os.environ.get('XCHECK_DATA'):
     x = subprocess.run([sys.executable, 'summarize.py'], cwd=os.path.join(REPO, 'crosscheck', 'fmnist'),
                        capture_output=True, text=True, check=True,
-                       env=dict(os.environ, PAT_JAX_MINIATURE=os.path.join(root, 'vit'))).stdout
+                       env=dict(os.environ, PAT_JAX_MINIATURE=os.path.join(ARCHIVE, 'vit'))).stdout
     mean = x[x.index('## Mean'):x.index('## Paired')].split('\n', 2)[2].strip()
     pairs = x[x.index('## Paired differences, original'):x.index('## Same differences')].split('\n', 2)[2].strip()
     doc = put(doc, 'XCHECK_TABLE', mean.replace(' ± nan', '') + '\n\nPaired differences of the original '
