@@ -14,7 +14,7 @@
 # ship an older Python without python3-venv. run starts the same command on all workers,
 # detached, one log per worker (~/pat_jax.log), with PAT_JAX_DISTRIBUTED=1: JAX finds the
 # other workers through the metadata server (pat_jax/sharding.py). The workdir must be a folder
-# every worker sees: a mounted shared filesystem (gs:// paths are not supported yet). Re-run
+# every worker sees: a bucket (--workdir=gs://BUCKET/run) or a mounted shared filesystem. Re-run
 # `run` with the same arguments to resume.
 set -euo pipefail
 NAME=${1:?usage: launch/tpu_vm.sh NAME ZONE create|setup|run|logs|kill|delete}

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from pat_jax import errors
+from pat_jax import errors, paths
 
 
 class CheckpointError(errors.UserError, ValueError):
@@ -54,7 +54,7 @@ def save_variables(directory: str, variables: Dict[str, Any], meta: Dict[str, An
   Refuses to replace an existing checkpoint unless `overwrite`; orbax writes into a
   temporary folder and renames it on success, so a failed save leaves no partial step.
   """
-  directory = os.path.abspath(directory)
+  directory = paths.absolute(directory)
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True)) as mngr:
     if mngr.all_steps() and not overwrite:
       raise CheckpointError(f'{directory} already holds a checkpoint (steps {mngr.all_steps()}); '
@@ -68,11 +68,11 @@ def save_variables(directory: str, variables: Dict[str, Any], meta: Dict[str, An
 
 
 def _manager_and_step(path: str, step: Optional[int]):
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = paths.absolute(path)
+  if not paths.isdir(path):
     raise CheckpointError(f'Checkpoint directory {path} does not exist.')
   root, name = os.path.split(path)
-  if step is None and name.isdigit() and not os.path.isdir(os.path.join(path, name)):
+  if step is None and name.isdigit() and not paths.isdir(os.path.join(path, name)):
     path, step = root, int(name)  # a step folder was named directly
   mngr = ocp.CheckpointManager(path)
   steps = mngr.all_steps()
@@ -178,7 +178,7 @@ class TrainCheckpointer:
         cm.LatestN(n=keep),
         cm.BestN(get_metric_fn=lambda m: m['top1'], n=1, keep_checkpoints_without_metrics=False),
     ])
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)
     self.mngr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         create=True, preservation_policy=policy, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True))
@@ -205,6 +205,8 @@ class TrainCheckpointer:
 
   def _check_free_space(self, step, needed):
     """Refuses to start a save the disk cannot hold (a local workdir; remote ones are not asked)."""
+    if paths.is_url(self.directory):
+      return
     try:
       free = shutil.disk_usage(self.directory).free
     except OSError:
@@ -274,17 +276,8 @@ class TrainCheckpointer:
         f'optimizer), use a new workdir for it.') from newest_error
 
   def _move_aside(self, step, error):
-    """checkpoints/<step> -> checkpoints/damaged/<step>[.N], with the reason beside it."""
     if jax.process_index() == 0:
-      source = os.path.join(self.directory, str(step))
-      target_dir = os.path.join(self.directory, 'damaged')
-      os.makedirs(target_dir, exist_ok=True)
-      target, n = os.path.join(target_dir, str(step)), 1
-      while os.path.exists(target):
-        target, n = os.path.join(target_dir, f'{step}.{n}'), n + 1
-      os.rename(source, target)
-      with open(target + '.reason.txt', 'w', encoding='utf-8') as f:
-        f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")}: {error}\n')
+      target = move_aside(self.directory, step, error)
       logging.warning('Moved damaged checkpoint step %d aside to %s (not deleted).', step, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'pat_jax_damaged_{step}')
@@ -309,3 +302,16 @@ class TrainCheckpointer:
 
 def _nbytes(tree) -> int:
   return int(sum(getattr(x, 'nbytes', 0) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def move_aside(directory: str, step: int, error) -> str:
+  """DIRECTORY/<step> -> DIRECTORY/damaged/<step>[.N], with the reason beside it; returns the
+  new path. Local folders and buckets alike (a bucket's "rename" copies, then deletes)."""
+  target_dir = os.path.join(directory, 'damaged')
+  paths.makedirs(target_dir)
+  target, n = os.path.join(target_dir, str(step)), 1
+  while paths.exists(target):
+    target, n = os.path.join(target_dir, f'{step}.{n}'), n + 1
+  paths.rename(os.path.join(directory, str(step)), target)
+  paths.write_text_atomic(target + '.reason.txt', f'{time.strftime("%Y-%m-%d %H:%M:%S")}: {error}\n')
+  return target

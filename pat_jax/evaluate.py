@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from pat_jax import checkpoint, data, models, sharding, weights
+from pat_jax import checkpoint, data, models, paths, sharding, weights
 
 
 def make_eval_step(model):
@@ -38,7 +38,7 @@ def evaluate(eval_step, variables_list, config, mesh) -> list:
 
 def evaluate_checkpoint(config, checkpoint_path: str, ema: bool = False) -> Dict[str, Any]:
   """--mode=eval: the student (or its EMA) of a training or converted checkpoint."""
-  if os.path.isdir(os.path.join(checkpoint_path, 'checkpoints')):
+  if paths.isdir(os.path.join(checkpoint_path, 'checkpoints')):
     checkpoint_path = os.path.join(checkpoint_path, 'checkpoints')
   meta = checkpoint.load_meta(checkpoint_path)
   name = meta.get('model', config.model.name)

@@ -6,37 +6,37 @@ import time
 import jax
 from absl import logging
 
+from pat_jax import paths
+
 
 def _kind(row: dict) -> str:
   return 'eval' if 'eval_top1' in row else 'train'
 
 
-def _keep_rows_through(path: str, resume_step: int) -> set:
+def _keep_rows_through(path: str, resume_step: int):
   """Drops the rows of metrics.jsonl logged after `resume_step` (and repeats, and a torn last
-  line) by a run that died later; returns the (step, kind) pairs kept. Rewritten atomically."""
-  if not os.path.exists(path):
-    return set()
+  line) by a run that died later; returns the (step, kind) pairs kept and their lines.
+  Rewritten atomically."""
+  if not paths.exists(path):
+    return set(), []
   kept, seen, dropped = [], set(), 0
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-        key = (int(row['step']), _kind(row))
-      except (ValueError, KeyError, TypeError):
-        dropped += 1
-        continue
-      if key[0] > resume_step or key in seen:
-        dropped += 1
-        continue
-      seen.add(key)
-      kept.append(line if line.endswith('\n') else line + '\n')
+  for line in paths.read_text(path).splitlines(keepends=True):
+    try:
+      row = json.loads(line)
+      key = (int(row['step']), _kind(row))
+    except (ValueError, KeyError, TypeError):
+      dropped += 1
+      continue
+    if key[0] > resume_step or key in seen:
+      dropped += 1
+      continue
+    seen.add(key)
+    kept.append(line if line.endswith('\n') else line + '\n')
   if dropped:
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-      f.writelines(kept)
-    os.replace(path + '.tmp', path)
+    paths.write_text_atomic(path, ''.join(kept))
     logging.info('metrics.jsonl: dropped %d rows logged after step %d (resumed there).', dropped,
                  resume_step)
-  return seen
+  return seen, kept
 
 
 class MetricWriter:
@@ -45,6 +45,8 @@ class MetricWriter:
   metrics.jsonl holds at most one training row and one evaluation row per step: a run resumed
   at `resume_step` first drops the rows a previous start logged after it, and a row that is
   already there is not written again (e.g. the evaluation of a run resumed at its last step).
+  In a bucket (gs://...), where a file cannot be appended to, every write replaces the whole
+  file (a few hundred kB for a long run; written at log points only).
   """
 
   def __init__(self, workdir: str, resume_step: int = 0):
@@ -52,10 +54,11 @@ class MetricWriter:
     self._tb = None
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, 'metrics.jsonl')
-    self._seen = _keep_rows_through(path, resume_step)
-    self._file = open(path, 'a', encoding='utf-8')
+    paths.makedirs(workdir)
+    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._seen, self._lines = _keep_rows_through(self._path, resume_step)
+    # Local: appended line by line. URL: the lines are kept and the file rewritten.
+    self._file = None if paths.is_url(workdir) else open(self._path, 'a', encoding='utf-8')
     try:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       tf.config.set_visible_devices([], 'GPU')
@@ -72,8 +75,12 @@ class MetricWriter:
     if (row['step'], _kind(row)) in self._seen:
       return
     self._seen.add((row['step'], _kind(row)))
-    self._file.write(json.dumps(row) + '\n')
-    self._file.flush()
+    if self._file is not None:
+      self._file.write(json.dumps(row) + '\n')
+      self._file.flush()
+    else:
+      self._lines.append(json.dumps(row) + '\n')
+      paths.write_text_atomic(self._path, ''.join(self._lines))
     if self._tb is not None:
       with self._tb.as_default():
         for k, v in row.items():
@@ -83,7 +90,8 @@ class MetricWriter:
 
   def close(self):
     if self.active:
-      self._file.close()
+      if self._file is not None:
+        self._file.close()
       if self._tb is not None:
         self._tb.close()
 

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from pat_jax import (checkpoint, convert, data, errors, evaluate, metrics, models, optim,
+from pat_jax import (checkpoint, convert, data, errors, evaluate, metrics, models, optim, paths,
                      sharding, weights)
 from pat_jax.distill import registry
 
@@ -166,12 +166,10 @@ def check_shared_workdir(workdir):
   path = os.path.join(workdir, '.process0_token')
   token = np.frombuffer(os.urandom(8), np.uint32) if jax.process_index() == 0 else np.zeros(2, np.uint32)
   if jax.process_index() == 0:
-    with open(path, 'w', encoding='utf-8') as f:
-      f.write(' '.join(map(str, token)))
+    paths.write_text_atomic(path, ' '.join(map(str, token)))
   token = ' '.join(map(str, multihost_utils.broadcast_one_to_all(token)))  # also a barrier
   try:
-    with open(path, encoding='utf-8') as f:
-      same = f.read() == token
+    same = paths.read_text(path) == token
   except OSError:
     same = False
   all_same = multihost_utils.process_allgather(np.asarray(same))
@@ -196,13 +194,13 @@ def load_teacher(config, num_classes, workdir, mesh):
   if not path and tcfg.get('pretrain') is not None:
     # No checkpoint given: train the teacher with teacher.pretrain into teacher.workdir
     # (default WORKDIR/teacher; resumes there like any run; skipped once finished).
-    teacher_dir = os.path.abspath(tcfg.get('workdir') or os.path.join(workdir, 'teacher'))
+    teacher_dir = paths.absolute(tcfg.get('workdir') or os.path.join(workdir, 'teacher'))
     path = os.path.join(teacher_dir, 'checkpoints')
-    if not os.path.isfile(os.path.join(teacher_dir, 'result.json')):
+    if not paths.isfile(os.path.join(teacher_dir, 'result.json')):
       logging.info('No teacher.checkpoint: training the teacher into %s first.', teacher_dir)
       if train_and_evaluate(tcfg.pretrain, teacher_dir)['status'] != 'done':
         raise TeacherPreempted(teacher_dir)  # never distil from a half-trained teacher
-  if not path or not os.path.exists(path):
+  if not path or not paths.exists(path):
     raise errors.MissingFileError(
         f'teacher.checkpoint={path!r} does not exist. Get a teacher by converting timm weights '
         f'(e.g. the OFA-KD CIFAR-100 release file {tcfg.name}_cifar100.pth): python -m '
@@ -250,12 +248,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the configured run in `workdir`; returns the final summary."""
   # ---- Setup ---------------------------------------------------------------
   check_config(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.absolute(workdir)  # a local folder or a bucket (gs://...): pat_jax/paths.py
+  for path in (workdir, config.teacher.get('checkpoint'), config.model.get('init_checkpoint')):
+    if path:
+      paths.check_backend(path)
+  paths.makedirs(workdir)
   check_shared_workdir(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    paths.write_text_atomic(os.path.join(workdir, 'config.json'),
+                            config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.get('num_devices', 0))
   logging.info('%s.', sharding.describe(mesh))
   rep = sharding.replicated(mesh)
@@ -444,10 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    ema['top1'])
     result['wall_s'] = wall_before + time.time() - started
     if jax.process_index() == 0:  # atomically: a reader never sees half a result
-      tmp = os.path.join(workdir, 'result.json.tmp')
-      with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(result, f, indent=2)
-      os.replace(tmp, os.path.join(workdir, 'result.json'))
+      paths.write_text_atomic(os.path.join(workdir, 'result.json'), json.dumps(result, indent=2))
     logging.info('Done: %s', result)
     return result
   except BaseException:

@@ -13,12 +13,12 @@ from typing import Any, Dict
 import jax
 import numpy as np
 
-from pat_jax import checkpoint, convert
+from pat_jax import checkpoint, convert, paths
 
 
 def is_timm_file(path: str) -> bool:
-  """A timm weights file, as opposed to a pat_jax checkpoint folder."""
-  return os.path.isfile(path)
+  """A timm weights file, as opposed to a pat_jax checkpoint folder (either may be in a bucket)."""
+  return paths.isfile(path)
 
 
 def put(tree, sharding):
@@ -37,8 +37,13 @@ def load(path: str, model_name: str, num_classes: int, sharding, *, item: str = 
   caller merges and checks). item: 'ema' reads a training checkpoint's EMA student.
   """
   if is_timm_file(path):
-    variables = convert.from_timm(model_name, path, num_classes=num_classes, drop_head=drop_head,
-                                  **shape_overrides)
+    local = paths.local_copy(path)  # torch reads local files only
+    try:
+      variables = convert.from_timm(model_name, local, num_classes=num_classes,
+                                    drop_head=drop_head, **shape_overrides)
+    finally:
+      if local != path:
+        os.remove(local)
     return put(variables, sharding)
   variables = checkpoint.load_variables(path, item=item, sharding=sharding)
   if drop_head:

@@ -15,8 +15,9 @@ import gzip
 import os
 
 import numpy as np
+from etils import epath
 
-from pat_jax import errors
+from pat_jax import errors, paths
 
 PREFIX = 'idx:'
 FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
@@ -36,7 +37,7 @@ class IdxError(errors.UserError, ValueError):
 def _find(directory, stem):
   for name in (stem + '.gz', stem):
     path = os.path.join(directory, name)
-    if os.path.isfile(path):
+    if paths.isfile(path):
       return path
   raise IdxError(f'{stem}[.gz] not found in {directory}. {HOW_TO_GET}')
 
@@ -44,12 +45,9 @@ def _find(directory, stem):
 def read_idx(path, ndim):
   """The uint8 array stored in IDX file `path` (gzipped if it ends in .gz), of `ndim` dims."""
   try:
+    raw = epath.Path(path).read_bytes()  # a local file or a bucket's (gs://...)
     if path.endswith('.gz'):
-      with gzip.open(path, 'rb') as f:
-        raw = f.read()
-    else:
-      with open(path, 'rb') as f:
-        raw = f.read()
+      raw = gzip.decompress(raw)
   except (OSError, EOFError) as e:  # gzip raises EOFError on a truncated stream
     raise IdxError(f'{path} cannot be read ({e}): the file is damaged or truncated; download it '
                    f'again. {HOW_TO_GET}') from None
@@ -72,7 +70,7 @@ def load(directory, split):
   """(images uint8 (N, H, W, 3), labels int64 (N,), num_classes) of split 'train' or 'test'."""
   if split not in FILES:
     raise IdxError(f"IDX datasets have the splits 'train' and 'test', not {split!r}.")
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     raise IdxError(f'IDX dataset directory {directory} does not exist. {HOW_TO_GET}')
   image_stem, label_stem = FILES[split]
   images = read_idx(_find(directory, image_stem), 3)

@@ -19,10 +19,11 @@ import re
 from typing import Optional
 
 import numpy as np
+from etils import epath
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from pat_jax import errors
+from pat_jax import errors, paths
 from pat_jax.data import digits
 from pat_jax.data import idx
 
@@ -107,10 +108,10 @@ def _load_tfds(name, data_dir, split) -> Split:
 
 def folder_classes(root, split):
   split_dir = os.path.join(root, split)
-  if not os.path.isdir(split_dir):
+  if not paths.isdir(split_dir):
     raise DatasetNotPreparedError(
         f'Image folder {split_dir} does not exist; expected <root>/<split>/<class>/*.png|jpg.')
-  return sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+  return sorted(p.name for p in epath.Path(split_dir).iterdir() if p.is_dir())
 
 
 def _load_folder(root, split, class_split) -> Split:
@@ -119,13 +120,12 @@ def _load_folder(root, split, class_split) -> Split:
   classes = folder_classes(root, class_split)
   images, labels = [], []
   for label, cls in enumerate(classes):
-    cls_dir = os.path.join(root, split, cls)
-    if not os.path.isdir(cls_dir):
+    cls_dir = epath.Path(root) / split / cls
+    if not cls_dir.is_dir():
       continue
-    for fname in sorted(os.listdir(cls_dir)):
-      if fname.lower().endswith(IMAGE_EXTENSIONS):
-        with open(os.path.join(cls_dir, fname), 'rb') as f:
-          images.append(f.read())
+    for file in sorted(cls_dir.iterdir(), key=lambda p: p.name):
+      if file.name.lower().endswith(IMAGE_EXTENSIONS):
+        images.append(file.read_bytes())
         labels.append(label)
   if not images:
     raise DatasetNotPreparedError(f'No images found under {os.path.join(root, split)}.')
