@@ -31,7 +31,9 @@ NAMES = {'student': 'student alone', 'kd': 'KD', 'fitnet': 'FitNet', 'default': 
          'no_raa': 'AFP only (no RAA)'}
 ARCHIVE = os.path.join(HERE, 'runs')
 RUN_FILES = ('result.json', 'config.json', 'metrics.jsonl')
-TEACHER = '| teacher (mini ConvNeXt, all 54,000 images) | 1 | 85.77 | 85.31 | | |'
+# The first grid's teacher; its folder was lost with the machine (docs/runs/README.md). Runs
+# archived with their folder used the teacher rebuilt on 2026-12-02 (docs/runs/teacher): `†`.
+FIRST_TEACHER = (85.77, 85.31)
 
 
 def archive(root):
@@ -91,10 +93,26 @@ def method_table(student, exps, teacher=True):
       continue
     val = [x['best_top1'] for x in r.values()]
     test = [x['test_top1'] for x in r.values()]
-    seeds = ', '.join(f's{s} {x["best_top1"]:.2f} / {x["test_top1"]:.2f}' for s, x in r.items())
+    seeds = ', '.join(f's{s} {x["best_top1"]:.2f} / {x["test_top1"]:.2f}{mark(x)}' for s, x in r.items())
     mins = f'{st.fmean(minutes(x) for x in r.values()):.1f}' if r else '–'
     rows.append(f'| {NAMES[exp]} | {len(r)} | {ms(val)} | {ms(test)} | {seeds} | {mins} |')
-  return '\n'.join(rows + ([TEACHER] if teacher else []))
+  return '\n'.join(rows + (teacher_rows() if teacher else []))
+
+
+def mark(result):
+  """`†`: a run of the rebuilt teacher's grid (every run archived with its folder)."""
+  return '' if 'lost_run_folder' in result else '†'
+
+
+def teacher_rows():
+  rows = [f'| teacher (mini ConvNeXt, all 54,000 images), first grid | 1 | {FIRST_TEACHER[0]:.2f} | '
+          f'{FIRST_TEACHER[1]:.2f} | | |']
+  path = os.path.join(ARCHIVE, 'teacher', 'result.json')
+  if os.path.exists(path):
+    t = json.load(open(path, encoding='utf-8'))
+    rows.append(f'| teacher, rebuilt 2026-12-02 (the same command; runs marked †) | 1 | '
+                f'{t["best_top1"]:.2f} | {t["test_top1"]:.2f} | | {t["wall_s"] / 60:.1f} |')
+  return rows
 
 
 def paired(student, pairs, names=NAMES):
@@ -113,23 +131,39 @@ def paired(student, pairs, names=NAMES):
   return '\n'.join(rows)
 
 
-def fraction_table():
+def fraction_table(doc):
+  """The Table 2 block and its plot points [(images, (mean, sd) alone, (mean, sd) PAT)].
+
+  A fraction without archived runs keeps its row of the current RESULTS.md (the 25% and 50%
+  runs of the first grid were lost with their per-seed numbers; only the row survives)."""
   rows = ['| training images | student alone: val best | PAT: val best | PAT − alone, val (per seed) | student alone: test | PAT: test | PAT − alone, test (per seed) |',
           '|---|---|---|---|---|---|---|']
+  old = re.search(r'<!-- FRACTION_TABLE -->(.*?)<!-- /FRACTION_TABLE -->', doc, re.S).group(1)
   points = []
   for f in ('0.25', '0.5', '0.75', '1'):
     a_exp, p_exp = ('student', 'default') if f == '1' else (f'fraction={f}+student', f'fraction={f}')
     ra, rp = runs('vit', a_exp), runs('vit', p_exp)
-    common = sorted(set(ra) & set(rp))
     n_img = int(round(5400 * float(f)))
+    label = f'{n_img:,} ({float(f):.0%})'
+    if not ra and not rp:
+      kept = [line for line in old.splitlines() if line.startswith(f'| {label} ')]
+      if kept and '–' not in kept[0].split('|')[2]:
+        rows.append(kept[0])
+        cells = kept[0].split('|')
+        points.append((n_img, *[tuple(map(float, cells[i].split('±'))) for i in (2, 3)]))
+        continue
+    common = sorted(set(ra) & set(rp))
     dv = [rp[s]['best_top1'] - ra[s]['best_top1'] for s in common]
     dt = [rp[s]['test_top1'] - ra[s]['test_top1'] for s in common]
-    rows.append(f'| {n_img:,} ({float(f):.0%}) | {ms([x["best_top1"] for x in ra.values()])} '
+    new = '†' if any(mark(x) for x in [*ra.values(), *rp.values()]) else ''
+    rows.append(f'| {label}{new} | {ms([x["best_top1"] for x in ra.values()])} '
                 f'| {ms([x["best_top1"] for x in rp.values()])} | '
                 + (', '.join(f'{v:+.2f}' for v in dv) or '–') + ' | '
                 f'{ms([x["test_top1"] for x in ra.values()])} | {ms([x["test_top1"] for x in rp.values()])} | '
                 + (', '.join(f'{v:+.2f}' for v in dt) or '–') + ' |')
-    points.append((n_img, [x['best_top1'] for x in ra.values()], [x['best_top1'] for x in rp.values()]))
+    stat = lambda v: (st.fmean(v), st.stdev(v) if len(v) > 1 else 0.0) if v else None  # pylint: disable=unnecessary-lambda-assignment
+    points.append((n_img, stat([x['best_top1'] for x in ra.values()]),
+                   stat([x['best_top1'] for x in rp.values()])))
   return '\n'.join(rows), points
 
 
@@ -139,10 +173,9 @@ def fraction_plot(points, path):
   from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(6, 4))
   for i, label in ((1, 'student alone'), (2, 'PAT')):
-    pts = [(p[0], p[i]) for p in points if p[i]]  # (images, [val best of each seed])
-    ax.errorbar([n for n, _ in pts], [st.fmean(v) for _, v in pts],
-                yerr=[st.stdev(v) if len(v) > 1 else 0 for _, v in pts], marker='o', capsize=3,
-                label=f'{label} (mean ± sd over seeds)')
+    pts = [(p[0], p[i]) for p in points if p[i]]  # (images, (mean, sd) of val best over seeds)
+    ax.errorbar([n for n, _ in pts], [m for _, (m, _) in pts], yerr=[sd for _, (_, sd) in pts],
+                marker='o', capsize=3, label=f'{label} (mean ± sd over seeds)')
   ax.set_xlabel('training images (nested subsets of the 5,400)')
   ax.set_ylabel('validation top-1 (%), best epoch')
   ax.set_title('Fashion-MNIST, mini ConvNeXt -> mini DeiT: less data (paper Table 2)', fontsize='medium')
@@ -195,7 +228,7 @@ def main():
               + '\n\n' + paired(student, ablation_pairs))
     plots(student, methods, f'fmnist_{student}')
     plots(student, ablation, f'fmnist_{student}_ablation')
-  table, points = fraction_table()
+  table, points = fraction_table(doc)
   doc = put(doc, 'FRACTION_TABLE', table)
   fraction_plot(points, os.path.join(HERE, 'fmnist_vit_fractions.png'))
   if os.environ.get('XCHECK_DATA'):
