@@ -6,7 +6,11 @@ checkpoints, teacher and init checkpoints, the damaged/ folder, data directories
 through etils.epath, which speaks both. Two things differ for URLs and are handled here:
 `os.path.abspath('gs://b/run')` is '<cwd>/gs:/b/run' (so URLs are left as they are), and an
 object store cannot append to a file (metrics.py rewrites the whole file there).
-gs:// needs gcsfs (`pip install -e '.[gcs]'`; the `tpu` extra has it).
+
+Buckets: gs:// only. epath reads them through TensorFlow's GCS filesystem (TensorFlow is a
+dependency anyway), tensorstore writes orbax's arrays with its own GCS driver, and orbax lists
+a bucket's checkpoint steps with google-cloud-storage, the one extra package a bucket needs
+(`pip install -e '.[gcs]'`; the `tpu` extra has it).
 """
 import importlib.util
 import os
@@ -16,23 +20,31 @@ from etils import epath
 
 from pat_jax import errors
 
-# URL scheme -> the package etils.epath (fsspec) reads it with.
-_BACKENDS = {'gs': 'gcsfs', 's3': 's3fs', 'az': 'adlfs'}
-
 
 def is_url(path) -> bool:
   """'gs://bucket/x', 's3://...': a path of an object store, not of this machine."""
   return '://' in os.fspath(path)
 
 
+def _importable(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # its parent package is missing
+    return False
+
+
 def check_backend(path) -> None:
-  """A URL whose filesystem package is missing: one clear error before any work."""
-  scheme = os.fspath(path).split('://', 1)[0] if is_url(path) else None
-  package = _BACKENDS.get(scheme)
-  if package and importlib.util.find_spec(package) is None:
+  """A URL this installation cannot use: one clear error before any work."""
+  if not is_url(path):
+    return
+  scheme = os.fspath(path).split('://', 1)[0]
+  if scheme != 'gs':
+    raise errors.ConfigError(f'{path}: pat_jax runs on local paths (or mounted shared folders) '
+                             f'and gs:// buckets, not {scheme}://.')
+  if not _importable('google.cloud.storage'):
     raise errors.ConfigError(
-        f'{path} is a {scheme}:// path, which needs the {package} package: pip install {package}'
-        + (" (or pip install -e '.[gcs]')" if scheme == 'gs' else '') + '.')
+        f"{path} is in a bucket: orbax lists its checkpoints with google-cloud-storage, which is "
+        f"not installed. pip install -e '.[gcs]' (the tpu extra has it).")
 
 
 def absolute(path) -> str:

@@ -302,10 +302,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.model.get('init_checkpoint'):
       student_vars = _init_student_from(config, _student_variables(state.params, state.batch_stats),
                                         info.num_classes, mesh)
+      # The EMA starts as a copy: the train step donates the state, and one buffer in two
+      # places of it (params and ema) is donated twice, which crashes XLA (a segfault on CPU).
       state = state.replace(
           params={**state.params, 'student': student_vars['params']},
           batch_stats={**state.batch_stats, 'student': student_vars.get('batch_stats', {})},
-          ema=student_vars, opt_state=jax.jit(trainer.tx.init, out_shardings=rep)(
+          ema=jax.tree_util.tree_map(lambda x: x.copy(), student_vars), opt_state=jax.jit(trainer.tx.init, out_shardings=rep)(
               {**state.params, 'student': student_vars['params']}))
   start_step = int(state.step)
   # Rows logged after the restored step (by a run that died later) are dropped: one row per step.

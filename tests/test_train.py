@@ -339,12 +339,14 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_one_step(data_dir, tmp_pa
   assert len(lines[0]) == 1 and len(lines[1]) == 1 and not lines[2], lines
   assert lines[1] == lines[0] and lines[0][0]['num_examples'] == 297
 
-  # KD from a teacher checkpoint on both processes (the run above's student as the teacher):
-  # each process restores it onto the global mesh; the losses equal 1 process x 2 devices.
+  # KD from a teacher checkpoint, the student started from model.init_checkpoint (both the run
+  # above's student), on both processes: each process restores them onto the global mesh; the
+  # losses equal 1 process x 2 devices.
   kd = [f'--config={REPO}/configs/digits_demo.py:kd', f'--config.dataset.data_dir={data_dir}',
         '--config.total_steps=6', '--config.log_every_steps=2', '--config.eval_every_steps=6',
         '--config.batch_size=16', '--config.teacher.name=mini_deit', '--config.teacher.min_top1=0',
-        f'--config.teacher.checkpoint={one}/checkpoints'] + common[-4:]
+        f'--config.teacher.checkpoint={one}/checkpoints',
+        f'--config.model.init_checkpoint={one}/checkpoints'] + common[-4:]
   single = _launch(kd + [f'--workdir={tmp_path}/kd1'])
   assert single.wait(timeout=900) == 0, single.output()[-3000:]
   port = _free_port()
@@ -356,6 +358,7 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_one_step(data_dir, tmp_pa
   assert [m['step'] for m in rows[0]] == [2, 4, 6] == [m['step'] for m in rows[1]]
   for key in ('loss_kd', 'train_loss'):
     np.testing.assert_allclose([m[key] for m in rows[0]], [m[key] for m in rows[1]], atol=1e-5)
+  assert all('Initialised the student from' in p.output() for p in [single] + pair)
 
 
 def test_processes_that_do_not_share_the_workdir_stop(tmp_path):
