@@ -39,7 +39,7 @@ FIRST_TEACHER = (85.77, 85.31)
 def archive(root):
   """Copies the finished runs under ROOT into ARCHIVE (a rerun replaces the archived one)."""
   copied = []
-  for student in ('vit', 'mlp', 'teacher'):
+  for student in ('vit', 'mlp', 'vit_45ep', 'teacher'):
     for rundir in report.find_runs(os.path.join(root, student)) if os.path.isdir(os.path.join(root, student)) else []:
       result = report.read_json(os.path.join(rundir, 'result.json'))
       if not (isinstance(result, dict) and 'best_top1' in result):
@@ -167,6 +167,24 @@ def fraction_table(doc):
   return '\n'.join(rows), points
 
 
+def schedule_table():
+  """The ViT student alone and PAT at 15 and 45 epochs (ROOT/vit_45ep: `--set=num_epochs=45`)."""
+  rows = ['| epochs (steps) | seeds | student alone: val best / test | PAT: val best / test | PAT − alone, val (per seed) | min per run (alone, PAT) |',
+          '|---|---|---|---|---|---|']
+  for epochs, student in ((15, 'vit'), (45, 'vit_45ep')):
+    ra, rp = runs(student, 'student'), runs(student, 'default')
+    if not ra and not rp:
+      continue
+    seeds = sorted(set(ra) | set(rp))
+    cell = lambda r, s: f'{r[s]["best_top1"]:.2f} / {r[s]["test_top1"]:.2f}{mark(r[s])}' if s in r else '–'  # pylint: disable=unnecessary-lambda-assignment
+    mins = lambda r: f'{st.fmean(minutes(x) for x in r.values()):.1f}' if r else '–'  # pylint: disable=unnecessary-lambda-assignment
+    diff = ', '.join(f's{s} {rp[s]["best_top1"] - ra[s]["best_top1"]:+.2f}' for s in seeds if s in ra and s in rp)
+    rows.append(f'| {epochs} ({epochs * 84:,}) | {", ".join(map(str, seeds))} | '
+                + ', '.join(f's{s} {cell(ra, s)}' for s in seeds) + ' | '
+                + ', '.join(f's{s} {cell(rp, s)}' for s in seeds) + f' | {diff or "–"} | {mins(ra)}, {mins(rp)} |')
+  return '\n'.join(rows)
+
+
 def fraction_plot(points, path):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
@@ -231,6 +249,7 @@ def main():
   table, points = fraction_table(doc)
   doc = put(doc, 'FRACTION_TABLE', table)
   fraction_plot(points, os.path.join(HERE, 'fmnist_vit_fractions.png'))
+  doc = put(doc, 'SCHEDULE_TABLE', schedule_table())
   if os.environ.get('XCHECK_DATA'):
     x = subprocess.run([sys.executable, 'summarize.py'], cwd=os.path.join(REPO, 'crosscheck', 'fmnist'),
                        capture_output=True, text=True, check=True,
