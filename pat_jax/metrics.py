@@ -56,9 +56,10 @@ class MetricWriter:
       return
     paths.makedirs(workdir)
     self._path = os.path.join(workdir, 'metrics.jsonl')
-    self._seen, self._lines = _keep_rows_through(self._path, resume_step)
-    # Local: appended line by line. URL: the lines are kept and the file rewritten.
-    self._file = None if paths.is_url(workdir) else open(self._path, 'a', encoding='utf-8')
+    self._seen, kept = _keep_rows_through(self._path, resume_step)
+    # Local: appended line by line. URL: the lines are kept here and the file rewritten.
+    self._lines = kept if paths.is_url(workdir) else None
+    self._file = None if self._lines is not None else open(self._path, 'a', encoding='utf-8')
     try:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       tf.config.set_visible_devices([], 'GPU')

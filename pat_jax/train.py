@@ -307,7 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state = state.replace(
           params={**state.params, 'student': student_vars['params']},
           batch_stats={**state.batch_stats, 'student': student_vars.get('batch_stats', {})},
-          ema=jax.tree_util.tree_map(lambda x: x.copy(), student_vars), opt_state=jax.jit(trainer.tx.init, out_shardings=rep)(
+          ema=jax.tree_util.tree_map(lambda x: x.copy(), student_vars),
+          opt_state=jax.jit(trainer.tx.init, out_shardings=rep)(
               {**state.params, 'student': student_vars['params']}))
   start_step = int(state.step)
   # Rows logged after the restored step (by a run that died later) are dropped: one row per step.
