@@ -268,11 +268,11 @@ def test_no_mixing_gives_smoothed_one_hot():
 
 
 @pytest.mark.parametrize('source_hw,size', [((32, 32), 224), ((32, 24), 40), ((8, 8), 16),
-                                            ((32, 32), 12)])
+                                            ((32, 32), 12), ((48, 20), 16)])
 def test_crop_resizer_equals_crop_then_pil_resize_then_flip(source_hw, size):
   """The table path of the training crop (coefficients precomputed per crop size, the flip
   folded into the column coefficients) is the crop, Pillow resize and flip, bit for bit,
-  upsampling and downsampling."""
+  upsampling and downsampling (48x20 -> 16 has crops where Pillow runs the vertical pass first)."""
   h_src, w_src = source_hw
   img = _test_image(h_src, w_src, seed=3)
   resizer = augment.CropResizer(h_src, w_src, size)
@@ -383,14 +383,33 @@ def test_resize_of_odd_sizes_matches_pil(method, pil, h, w, oh, ow):
   np.testing.assert_array_equal(augment.resize(tf.constant(img), (oh, ow), method).numpy(), ref)
 
 
-@pytest.mark.xfail(strict=True, reason='known: with the installed Pillow (13.0) some reductions '
-                   'of the height (here 301x199 -> 97x131, 5x3 -> 2x7) come out as if the vertical '
-                   'pass ran first; pat_jax always runs the horizontal pass first (1-6 levels off)')
 @pytest.mark.parametrize('h,w,oh,ow', [(301, 199, 97, 131), (5, 3, 2, 7)])
 def test_resize_reducing_the_height_matches_pil(h, w, oh, ow):
+  """Pillow 13 runs the vertical pass first when the height shrinks by more than twice as many
+  pixels as the width (301 - 97 > 2 * (199 - 131); 5 - 2 > 2 * (3 - 7))."""
   img = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
   ref = np.asarray(Image.fromarray(img).resize((ow, oh), Image.BICUBIC))
   np.testing.assert_array_equal(augment.resize(tf.constant(img), (oh, ow), 'bicubic').numpy(), ref)
+
+
+@pytest.mark.parametrize('method,pil', [('bilinear', Image.BILINEAR), ('bicubic', Image.BICUBIC)])
+def test_resize_of_random_shapes_matches_pil(method, pil):
+  """Random small shapes, each axis reduced, kept or enlarged, with both pass orders and their
+  boundary (in_h - out_h == 2 * (in_w - out_w)); eager and traced with unknown sizes."""
+  rng = np.random.default_rng(7)
+  shapes = [(9, 8, 3, 5), (9, 8, 2, 5), (10, 8, 4, 5), (7, 7, 7, 3), (7, 7, 3, 7), (4, 4, 9, 2)]
+  while len(shapes) < 50:
+    shapes.append(tuple(int(v) for v in rng.integers(1, 25, 4)))
+  traced = tf.function(lambda img, size: augment.resize(img, size, method),
+                       input_signature=[tf.TensorSpec([None, None, 3], tf.uint8),
+                                        tf.TensorSpec([2], tf.int32)])
+  for h, w, oh, ow in shapes:
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    ref = np.asarray(Image.fromarray(img).resize((ow, oh), pil))
+    np.testing.assert_array_equal(augment.resize(tf.constant(img), (oh, ow), method).numpy(), ref,
+                                  err_msg=f'{h, w} -> {oh, ow}')
+    np.testing.assert_array_equal(traced(tf.constant(img), tf.constant([oh, ow])).numpy(), ref,
+                                  err_msg=f'traced {h, w} -> {oh, ow}')
 
 
 def test_resizing_a_photo_needs_no_dense_matrix():

@@ -128,20 +128,52 @@ def _scaled_coefficients(in_size, out_size, method):
   return _pil_coefficients(in_size, out_size, method) * (1.0 / (1 << _PRECISION_BITS))
 
 
+def _vertical_pass(x, row_coeffs):
+  """(h, w, C) float64 times the scaled (out_h, h) matrix: (out_h, w, C) accumulators, as one
+  (out_h, h) x (h, w*C) matmul."""
+  h, w, c = tf.shape(x)[0], tf.shape(x)[1], x.shape[-1]
+  out = tf.matmul(row_coeffs, tf.reshape(x, [h, w * c]))
+  return tf.reshape(out, [tf.shape(row_coeffs)[0], w, c])
+
+
+def _horizontal_pass(x, col_coeffs):
+  """(h, w, C) float64 times the scaled (out_w, w) matrix: (h, out_w, C) accumulators, as one
+  (out_w, w) x (w, h*C) matmul over the columns-first image."""
+  h, w, c = tf.shape(x)[0], tf.shape(x)[1], x.shape[-1]
+  out = tf.matmul(col_coeffs, tf.reshape(tf.transpose(x, [1, 0, 2]), [w, h * c]))
+  return tf.transpose(tf.reshape(out, [tf.shape(col_coeffs)[0], h, c]), [1, 0, 2])
+
+
+def _vertical_first(in_h, in_w, out_h, out_w):
+  """Pillow's pass order (libImaging/Resample.c, ImagingResampleInner, Pillow 13.0.0): the
+  vertical pass runs first iff the height shrinks by more than twice as many pixels as the width
+  does, `in_h - out_h > 0 and in_h - out_h > 2 * (in_w - out_w)` (on the sizes of the image
+  handed to resize, i.e. the crop); otherwise horizontal first. (Pillow <= 12.1 always ran the
+  horizontal pass first; 12.2-12.3 went vertical first in Image.resize only for images over 100
+  times taller than wide.) The order matters because the first pass is rounded to uint8."""
+  shrink_h = in_h - out_h
+  return (shrink_h > 0) & (shrink_h > 2 * (in_w - out_w))
+
+
 def _separable(image, col_coeffs, row_coeffs):
   """Pillow's two passes on a uint8 (h, w, C) image with scaled (out_w, w) and (out_h, h)
-  coefficient matrices: horizontal into uint8 values, then vertical, both rounded as Pillow.
-  Both are float64 matmuls of exact integers (times 2**-22), so the result is bit-exact."""
-  h, w, c = tf.shape(image)[0], tf.shape(image)[1], image.shape[-1]
-  out_w, out_h = tf.shape(col_coeffs)[0], tf.shape(row_coeffs)[0]
-  # Horizontal: one (out_w, w) x (w, h*C) matmul over the columns-first image. Memory is the
-  # image and the small coefficient matrix (no (h, out_w, w) broadcast: for a 2592x1944 photo
-  # that was 9 GB of float64).
-  x = tf.reshape(tf.transpose(tf.cast(image, tf.float64), [1, 0, 2]), [w, h * c])
-  wide = _round_pass(tf.matmul(col_coeffs, x))  # (out_w, h*C)
-  wide = tf.reshape(tf.transpose(tf.reshape(wide, [out_w, h, c]), [1, 0, 2]), [h, out_w * c])
-  out = tf.matmul(row_coeffs, wide)  # vertical: (out_h, h) x (h, out_w*C)
-  return tf.reshape(_round_pass_uint8(out), [out_h, out_w, c])
+  coefficient matrices, in Pillow's order (`_vertical_first`), each rounded to uint8 values as
+  Pillow. Both are float64 matmuls of exact integers (times 2**-22), so the result is bit-exact.
+  Memory is the image, one intermediate and the small coefficient matrices: no (h, out_w, w)
+  broadcast (for a 2592x1944 photo that was 9 GB of float64)."""
+  x = tf.cast(image, tf.float64)
+  in_h, in_w = tf.shape(image)[0], tf.shape(image)[1]
+  out_h, out_w = tf.shape(row_coeffs)[0], tf.shape(col_coeffs)[0]
+
+  def horizontal_first():
+    return _round_pass_uint8(_vertical_pass(_round_pass(_horizontal_pass(x, col_coeffs)),
+                                            row_coeffs))
+
+  def vertical_first():
+    return _round_pass_uint8(_horizontal_pass(_round_pass(_vertical_pass(x, row_coeffs)),
+                                              col_coeffs))
+
+  return tf.cond(_vertical_first(in_h, in_w, out_h, out_w), vertical_first, horizontal_first)
 
 
 def resize(image, size_hw, method):
@@ -149,8 +181,9 @@ def resize(image, size_hw, method):
 
   Same separable convolution as Pillow (triangle / a=-0.5 cubic kernels widened by the scale
   when reducing, renormalised at the border), same 22-bit fixed-point coefficients and rounding,
-  horizontal pass first into uint8, then vertical. The passes are small matmuls in float64,
-  exact for these integer sums. (tf.image.resize differs by 1-2 levels and is slower here.)
+  same pass order (`_vertical_first`), the first pass rounded to uint8 values. The passes are
+  small matmuls in float64, exact for these integer sums. (tf.image.resize differs by 1-2 levels
+  and is slower here.)
   """
   shape = tf.shape(image)
   out = _separable(image, _scaled_coefficients(shape[1], size_hw[1], method),
