@@ -4,7 +4,9 @@ The pipeline addresses examples by their index in the split, so the order of an 
 function of (seed, epoch) and any step can be resumed exactly. Two readers provide that:
 - 'memory' (default): the split is read once, in file order, into host RAM (decoded uint8 when
   TFDS knows a fixed image shape, else the encoded bytes) and looked up with `tf.gather`.
-  CIFAR-100 train is 150 MB; digits and user folders are small.
+  CIFAR-100 train is 150 MB; digits are small. Image folders are the exception: only their
+  file paths are held, and each example's file is read (`tf.io.read_file`, local or gs://) when
+  the pipeline looks its index up, so a host reads only the files of its own indices.
 - 'random_access': `tfds.data_source` over ArrayRecord files (ImageNet prepared with
   `--file_format=array_record`), one example read per index; nothing is held in memory.
 Sources: any TFDS name, 'digits' (data/digits.py), 'folder:/root' (image folders) and 'idx:DIR'
@@ -52,13 +54,16 @@ def _prepare_hint(name, data_dir):
 
 @dataclasses.dataclass
 class Split:
-  """One split in memory. images: uint8 (N, H, W, 3), or encoded bytes (N,) when sizes vary."""
+  """One split in memory. images: uint8 (N, H, W, 3), or encoded bytes (N,) when sizes vary,
+  or (files=True, image folders) the paths (N,) of the encoded files, read per example."""
   images: np.ndarray
   labels: np.ndarray
   num_classes: int
+  files: bool = False
 
   @property
   def encoded(self) -> bool:
+    """Each image is one encoded string (bytes, or a file's path when `files`) to decode."""
     return self.images.ndim == 1
 
   def __len__(self):
@@ -116,8 +121,10 @@ def folder_classes(root, split):
 
 def _load_folder(root, split, class_split) -> Split:
   """root/<split>/<class>/<file>: classes numbered in sorted order of the train split's folders,
-  files in sorted order; the bytes stay encoded and are decoded in the pipeline."""
+  files in sorted order. Only the paths are listed (made absolute, URLs kept); the files are read
+  and decoded per example in the pipeline (make_lookup)."""
   classes = folder_classes(root, class_split)
+  root = paths.absolute(root)
   images, labels = [], []
   for label, cls in enumerate(classes):
     cls_dir = epath.Path(root) / split / cls
@@ -125,13 +132,13 @@ def _load_folder(root, split, class_split) -> Split:
       continue
     for file in sorted(cls_dir.iterdir(), key=lambda p: p.name):
       if file.name.lower().endswith(IMAGE_EXTENSIONS):
-        images.append(file.read_bytes())
+        images.append(os.fspath(file))
         labels.append(label)
   if not images:
     raise DatasetNotPreparedError(f'No images found under {os.path.join(root, split)}.')
   arr = np.empty(len(images), dtype=object)
   arr[:] = images
-  return Split(arr, np.asarray(labels, np.int64), len(classes)), True
+  return Split(arr, np.asarray(labels, np.int64), len(classes), files=True), True
 
 
 _SLICE = re.compile(r'^(\w+)\[(-?\d*)(%?):(-?\d*)(%?)\]$')
@@ -166,11 +173,12 @@ def _sliced(whole: Split, spec) -> Split:
   if spec is None:
     return whole
   sl = _apply_slice(spec, len(whole))
-  return Split(whole.images[sl], whole.labels[sl], whole.num_classes)
+  return Split(whole.images[sl], whole.labels[sl], whole.num_classes, whole.files)
 
 
 def load_split(dataset_cfg, split: str) -> Split:
-  """The whole split in memory, in its stable file order (cached for prepared datasets)."""
+  """The whole split in memory (for image folders: its files' paths), in its stable file order
+  (cached for prepared datasets)."""
   name, data_dir = dataset_cfg.name, dataset_cfg.data_dir
   if (name, split) in _REGISTERED:
     return _REGISTERED[(name, split)]
@@ -277,6 +285,8 @@ def make_lookup(dataset_cfg, split: str):
 
   def lookup(index):
     img = tf.gather(images, index)
+    if data.files:  # a path: this example's file alone is read, here (local or gs://)
+      img = tf.io.read_file(img)
     img = decode(img) if data.encoded else img
     return img, tf.gather(labels, index)
   # Decoded arrays have one (H, W) for the whole split: the training crop+resize precomputes

@@ -1,0 +1,140 @@
+"""Image folders ('folder:<root>') are read per example: the split holds file paths, a host reads
+only the files of its own indices, and the batches are those of the encoded bytes held in memory."""
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from pat_jax import data
+from pat_jax.data import pipeline
+from pat_jax.data import sources
+
+CLASSES = ('b_dog', 'a_cat', 'c_fox')  # created out of order: labels follow the sorted names
+
+
+def make_config(name, image_size=12, recipe='vit', **dataset):
+  config = ml_collections.ConfigDict({'seed': 7})
+  config.dataset = data.default_config()
+  config.dataset.name = name
+  config.dataset.image_size = image_size
+  config.dataset.update(dataset)
+  config.aug = data.vit_recipe() if recipe == 'vit' else data.cnn_recipe()
+  return config
+
+
+@pytest.fixture
+def folder(tmp_path):
+  """root/{train,test}/<class>/<i>.png|jpg, varied sizes; returns root and {split: [(path, label)]}."""
+  rng = np.random.default_rng(0)
+  files = {}
+  for split, n in (('train', 4), ('test', 3)):
+    for cls in CLASSES:
+      os.makedirs(tmp_path / split / cls)
+      for i in range(n):
+        size = (int(rng.integers(10, 30)), int(rng.integers(10, 30)))
+        img = Image.fromarray(rng.integers(0, 256, size + (3,)).astype(np.uint8))
+        img.save(tmp_path / split / cls / f'{i}.{"png" if i % 2 else "jpg"}')
+    (tmp_path / split / 'a_cat' / 'notes.txt').write_text('not an image')
+    files[split] = [(str(tmp_path / split / cls / f'{i}.{"png" if i % 2 else "jpg"}'), label)
+                    for label, cls in enumerate(sorted(CLASSES)) for i in range(n)]
+  sources.clear_cache()
+  yield str(tmp_path), files
+  sources.clear_cache()
+
+
+def _as_bytes_source(name, files):
+  """The same splits as encoded bytes in memory (how folders were read before): the reference."""
+  for split, entries in files.items():
+    arr = np.empty(len(entries), dtype=object)
+    arr[:] = [open(p, 'rb').read() for p, _ in entries]
+    sources._REGISTERED[(name, split)] = sources.Split(
+        arr, np.asarray([l for _, l in entries], np.int64), len(CLASSES))
+
+
+def test_split_holds_sorted_paths_and_labels_not_bytes(folder):
+  root, files = folder
+  config = make_config(f'folder:{root}')
+  split = sources.load_split(config.dataset, 'train')
+  assert split.files and split.encoded
+  assert list(split.images) == [p for p, _ in files['train']]  # sorted classes, sorted files
+  assert list(split.labels) == [l for _, l in files['train']]
+  assert data.get_info(config) == data.DatasetInfo(3, 12, 9)
+  half = sources.load_split(config.dataset, 'train[:50%]')
+  assert half.files and list(half.images) == list(split.images[:6])
+  assert list(half.labels) == [0, 0, 0, 0, 1, 1]
+  # A relative root is made absolute: reading does not depend on the working directory later.
+  cwd = os.getcwd()
+  try:
+    os.chdir(os.path.dirname(root))
+    rel = sources._load_folder(os.path.basename(root), 'test', 'train')[0]
+  finally:
+    os.chdir(cwd)
+  assert list(rel.images) == [p for p, _ in files['test']]
+
+
+def test_lookup_reads_and_decodes_each_file(folder):
+  root, files = folder
+  n, num_classes, lookup = sources.make_lookup(make_config(f'folder:{root}').dataset, 'test')
+  assert (n, num_classes, lookup.static_shape) == (9, 3, None)
+  for i, (path, label) in enumerate(files['test']):
+    image, got_label = lookup(tf.constant(i, tf.int64))
+    want = tf.io.decode_image(open(path, 'rb').read(), channels=3).numpy()
+    np.testing.assert_array_equal(image.numpy(), want)
+    if path.endswith('.png'):  # lossless: also what PIL decodes
+      np.testing.assert_array_equal(image.numpy(), np.asarray(Image.open(path).convert('RGB')))
+    assert int(got_label) == label
+
+
+def test_batches_equal_the_in_memory_bytes(folder):
+  """Training (CNN recipe: the crop/resize/flip that reads the image; the ViT recipe's extra
+  steps act on the decoded batch whatever the source) and evaluation, bit for bit."""
+  root, files = folder
+  _as_bytes_source('memory:folder_ref', files)
+  try:
+    got = make_config(f'folder:{root}', recipe='cnn')
+    ref = make_config('memory:folder_ref', recipe='cnn')
+    ours, theirs = data.train_iterator(got, 4), data.train_iterator(ref, 4)
+    for _ in range(4):  # 3 steps per epoch: crosses into the second epoch
+      a, b = next(ours), next(theirs)
+      np.testing.assert_array_equal(a['image'], b['image'])
+      np.testing.assert_array_equal(a['label'], b['label'])
+    ours, theirs = list(data.eval_iterator(got, 4)), list(data.eval_iterator(ref, 4))
+    assert len(ours) == len(theirs) == 3
+    for a, b in zip(ours, theirs):
+      for k in ('image', 'label', 'mask'):
+        np.testing.assert_array_equal(a[k], b[k])
+  finally:
+    for split in files:
+      sources._REGISTERED.pop(('memory:folder_ref', split), None)
+
+
+def test_a_host_reads_only_its_own_files(folder):
+  root, files = folder
+  config = make_config(f'folder:{root}')
+  sources.load_split(config.dataset, 'test')  # listed (and cached) while every file is there
+  whole = list(data.eval_iterator(config, 8))[0]
+  start, end = pipeline.host_range(9, 0, 2)
+  for path, _ in files['test'][end:]:  # host 1's share vanishes: host 0 must not notice
+    os.remove(path)
+  mine = list(data.eval_iterator(config, 8, process_index=0, process_count=2))
+  assert len(mine) == 1 and mine[0]['mask'].sum() == end - start
+  np.testing.assert_array_equal(mine[0]['image'][:end], whole['image'][:end])
+  # The bytes are read when the pipeline runs, not when the split is listed.
+  first = files['test'][0][0]
+  Image.fromarray(np.full((9, 9, 3), 200, np.uint8)).save(first, format='JPEG')
+  again = list(data.eval_iterator(config, 8, process_index=0, process_count=2))[0]
+  assert not np.array_equal(again['image'][0], whole['image'][0])
+  with pytest.raises(tf.errors.NotFoundError):
+    list(data.eval_iterator(config, 8, process_index=1, process_count=2))
+
+
+def test_missing_or_empty_folders_fail_with_the_layout(tmp_path):
+  sources.clear_cache()
+  with pytest.raises(data.DatasetNotPreparedError, match='does not exist'):
+    data.get_info(make_config(f'folder:{tmp_path}/nowhere'))
+  os.makedirs(tmp_path / 'train' / 'cls')
+  with pytest.raises(data.DatasetNotPreparedError, match='No images found'):
+    data.get_info(make_config(f'folder:{tmp_path}'))
