@@ -11,26 +11,31 @@ from pat_jax import checkpoint, data, models, paths, sharding, weights
 
 
 def make_eval_step(model):
-  """(variables, batch) -> per-batch sums of correct top-1, top-5 and counted examples."""
-  def step(variables, batch):
-    logits = model.apply(variables, batch['image'], train=False).astype(jnp.float32)
+  """(variables, batch, norm=None) -> per-batch sums of correct top-1, top-5 and counted
+  examples. norm (static): (mean, std) tuples, needed for uint8 images (dataset.transfer)."""
+  def step(variables, batch, norm=None):
+    image = batch['image']
+    if image.dtype == jnp.uint8:  # normalised here, on the device (a trace-time branch)
+      image = data.on_device.normalize(image, *norm)
+    logits = model.apply(variables, image, train=False).astype(jnp.float32)
     top5 = jax.lax.top_k(logits, 5)[1]
     hit = top5 == batch['label'][:, None]
     mask = batch['mask'].astype(jnp.float32)
     return {'top1': jnp.sum(hit[:, 0] * mask), 'top5': jnp.sum(jnp.any(hit, 1) * mask),
             'n': jnp.sum(mask)}
-  return jax.jit(step)
+  return jax.jit(step, static_argnames=('norm',))
 
 
 def evaluate(eval_step, variables_list, config, mesh) -> list:
   """Evaluates several variable sets (e.g. raw and EMA student) in one pass over the split."""
   totals = [{'top1': 0.0, 'top5': 0.0, 'n': 0.0} for _ in variables_list]
   per_host = sharding.local_batch_size(config.get('eval_batch_size') or config.batch_size, mesh)
+  norm = (tuple(config.dataset.mean), tuple(config.dataset.std))  # for uint8 batches
   for local in data.eval_iterator(config, batch_size=per_host, process_index=jax.process_index(),
                                   process_count=jax.process_count()):
     batch = sharding.global_batch(local, mesh)
     for tot, variables in zip(totals, variables_list):
-      for k, v in eval_step(variables, batch).items():
+      for k, v in eval_step(variables, batch, norm=norm).items():
         tot[k] += float(v)
   return [{'top1': 100.0 * t['top1'] / max(t['n'], 1), 'top5': 100.0 * t['top5'] / max(t['n'], 1),
            'num_examples': int(t['n'])} for t in totals]

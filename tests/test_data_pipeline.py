@@ -226,3 +226,21 @@ def test_recipes_match_the_original_configs():
   d = data.default_config()
   d.data_dir = '/some/where'  # optional string field, overridable from flags
   assert d.mean == data.CIFAR_MEAN and d.eval_crop_pct == 0.875
+
+
+def test_uint8_transfer_interface(digits_dir):
+  """dataset.transfer='uint8': uint8 images, the float32 path's soft targets and the batch's
+  draws, one leading batch axis each (they shard like the images); eval images stay uint8."""
+  config = make_config(data_dir=digits_dir, transfer='uint8')
+  config.aug.randaugment = ''
+  batch = next(data.train_iterator(config, batch_size=8))
+  assert batch['image'].shape == (8, 16, 16, 3) and batch['image'].dtype == np.uint8
+  assert batch['label'].shape == (8, 10) and batch['label'].dtype == np.float32
+  assert set(batch) == {'image', 'label', 'mix_lam', 'mix_blend', 'mix_box', 'erase_box',
+                        'erase_key'}
+  assert all(v.shape[0] == 8 for v in batch.values())
+  assert batch['erase_key'].dtype == np.uint32 and batch['mix_box'].dtype == np.int32
+  with_ids = next(data.train_dataset(config, 8, with_ids=True).as_numpy_iterator())
+  assert {'_epoch', '_index', '_step'} <= set(with_ids)
+  ev = next(data.eval_iterator(config, batch_size=8))
+  assert ev['image'].dtype == np.uint8 and set(ev) == {'image', 'label', 'mask'}

@@ -59,6 +59,7 @@ def jax_eval_images(split, ref_labels):
   c = cfg.copy_and_resolve_references()
   with c.unlocked():
     c.dataset.eval_split = split
+    c.dataset.transfer = 'float32'  # normalised on the host, also where 'auto' would send uint8
   xs, ys, ms = [], [], []
   for b in data.eval_iterator(c, batch_size=500):
     xs.append(b['image']); ys.append(b['label']); ms.append(b['mask'])

@@ -6,9 +6,12 @@
     for batch in data.eval_iterator(config, batch_size=per_host_batch, ...): ...
 
 `config.dataset = data.default_config()`, `config.aug = data.vit_recipe()` (or `cnn_recipe()`).
+With `dataset.transfer` 'uint8' (the default on GPU/TPU) the train batches are uint8 with their
+draws, and the train step calls `data.on_device.prepare(batch, mean, std, groups)`.
 """
 import importlib
 
+from pat_jax.data import on_device  # pure jnp (the train and eval steps call it), no TF
 from pat_jax.data.recipes import CIFAR_MEAN
 from pat_jax.data.recipes import CIFAR_STD
 from pat_jax.data.recipes import IMAGENET_MEAN

@@ -18,6 +18,11 @@ def smooth_one_hot(labels, num_classes, smoothing):
                     dtype=tf.float32)
 
 
+def mix_targets(targets, lam32):
+  """Soft targets mixed as the images are: sample i with sample b-1-i, weight lam32 (float32)."""
+  return targets * lam32 + tf.reverse(targets, [0]) * (1.0 - lam32)
+
+
 def _beta(key, alpha):
   k1, k2 = augment.split(key, 2)
   g1 = tf.random.stateless_gamma([], k1, alpha, dtype=tf.float64)
@@ -58,6 +63,34 @@ def cutmix_box(key, height, width, lam):
   xh = tf.clip_by_value(cx + cut_w // 2, 0, width)
   area = tf.cast((yh - yl) * (xh - xl), tf.float64)
   return yl, yh, xl, xh, 1.0 - area / float(height * width)
+
+
+def draw(key, height, width, mixup_alpha, cutmix_alpha, prob=1.0, switch_prob=0.5):
+  """A batch's mixing, drawn as `mix_batch` draws it but not applied: (lam, blend, box).
+
+  lam: float64, the targets' lambda (cutmix's corrected to the pasted area; 1.0: no mixing);
+  blend: bool, whether the pixels are blended with lam (mixup) rather than pasted;
+  box: int32 [top, bottom, left, right), the region taken from the partner; empty unless
+  cutmix mixes. Drawing apart from applying lets the host draw and the accelerator apply
+  (`on_device.mix`) with the very same draws as `mix_normalize`.
+  """
+  if mixup_alpha <= 0 and cutmix_alpha <= 0:
+    return tf.constant(1.0, tf.float64), tf.constant(False), tf.zeros([4], tf.int32)
+  k_params, k_box = augment.split(key, 2)
+  lam, use_cutmix = sample_params(k_params, mixup_alpha, cutmix_alpha, prob, switch_prob)
+  yl, yh, xl, xh, box_lam = cutmix_box(k_box, height, width, lam)
+  lam = tf.where(use_cutmix, box_lam, lam)
+  active = lam != 1.0  # a box that pastes nothing mixes nothing, as mix_batch's tf.cond
+  cut = tf.logical_and(active, use_cutmix)
+  box = tf.where(cut, tf.stack([yl, yh, xl, xh]), tf.zeros([4], tf.int32))
+  return lam, tf.logical_and(active, tf.logical_not(use_cutmix)), box
+
+
+def box_mask(box, height, width):
+  """(H, W) bool: inside [top, bottom) x [left, right) of a `draw` box."""
+  rows = tf.range(height)[:, None]
+  cols = tf.range(width)[None, :]
+  return (rows >= box[0]) & (rows < box[1]) & (cols >= box[2]) & (cols < box[3])
 
 
 def mix_batch(images, labels, key, num_classes, mixup_alpha, cutmix_alpha, prob=1.0,
@@ -120,22 +153,15 @@ def mix_normalize(images, labels, key, num_classes, mixup_alpha, cutmix_alpha, m
   if mixup_alpha <= 0 and cutmix_alpha <= 0:
     mixed = own
   else:
-    k_params, k_box = augment.split(key, 2)
-    lam, use_cutmix = sample_params(k_params, mixup_alpha, cutmix_alpha, prob, switch_prob)
-    yl, yh, xl, xh, box_lam = cutmix_box(k_box, height, width, lam)
-    lam = tf.where(use_cutmix, box_lam, lam)
-    active = lam != 1.0
-    rows = tf.range(height)[:, None]
-    cols = tf.range(width)[None, :]
-    cut = ((rows >= yl) & (rows < yh) & (cols >= xl) & (cols < xh)
-           & tf.logical_and(active, use_cutmix))
+    lam, blend, box = draw(key, height, width, mixup_alpha, cutmix_alpha, prob, switch_prob)
+    cut = box_mask(box, height, width)
     lam32 = tf.cast(lam, tf.float32)
 
-    def blend():  # mix_batch's mixup on every (own, partner) pair
+    def blended():  # mix_batch's mixup on every (own, partner) pair
       m = tf.cast(own, tf.float32) * lam32 + tf.cast(partner, tf.float32) * (1.0 - lam32)
       return tf.cast(tf.round(m), tf.uint8)
-    mixed = tf.cond(tf.logical_and(active, tf.logical_not(use_cutmix)), blend, lambda: own)
-    targets = targets * lam32 + tf.reverse(targets, [0]) * (1.0 - lam32)
+    mixed = tf.cond(blend, blended, lambda: own)
+    targets = mix_targets(targets, lam32)
   table = augment.normalize(tf.broadcast_to(mixed[..., None], [256, 256, channels]), mean, std)
   table = tf.reshape(tf.transpose(table, [2, 0, 1]), [-1])
   return _gather_mixed(images, table, cut), targets

@@ -19,6 +19,13 @@ drawn per host batch from key(seed, g, p), as timm's per-rank Mixup and RandomEr
 with the ViT/MLP recipe a P-host run mixes within each host's b examples with P lambdas and
 differs from a one-host run (same examples, same per-example augmentation, other mixing).
 
+Transfer (`dataset.transfer`, resolved by `on_device.resolve_transfer`): 'float32' yields the
+normalised, mixed and erased float32 batch made here; 'uint8' stops after the per-example steps
+and RandAugment and yields the uint8 images, the (mixed) soft targets and the batch's draws (the
+same draws from the same keys), which `on_device.prepare` applies to the images on the
+accelerator: a quarter of the bytes cross to the device, and the host no longer mixes pixels,
+normalises or erases.
+
 Evaluation (big_vision `make_for_inference`): host p reads its even, contiguous share of the
 split, then zero examples with mask False, and every host yields ceil(ceil(n / P) / batch)
 batches.
@@ -32,6 +39,7 @@ import tensorflow as tf
 from pat_jax import errors
 from pat_jax.data import augment
 from pat_jax.data import mixup
+from pat_jax.data import on_device
 from pat_jax.data import randaugment
 from pat_jax.data import sources
 
@@ -123,26 +131,61 @@ def _example_fn(config, lookup):
   return fn
 
 
+def _device_batch(aug, images, labels, num_classes, k_mix, k_erase):
+  """The uint8 images, the soft targets and the batch-level draws of the float32 path (the same
+  draws from the same keys) for `on_device.prepare`, which applies them to the images.
+
+  The targets are mixed here, exactly as `mixup.mix_normalize` mixes them: they are b x C
+  values, nothing to save, and on the device a fused multiply-add would move them by an ulp.
+  Every value has the batch as its leading axis (a batch-wide draw is repeated per example), so
+  the dict shards over the data axis like the images. Erasing's noise is the one draw that
+  differs: it is drawn on the device from `erase_key` (TF's stateless normal has no JAX
+  equivalent), derived from this batch's key, so it is as deterministic and resumable.
+  """
+  b, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
+  targets = mixup.smooth_one_hot(labels, num_classes, aug.label_smoothing)
+  out = {'image': images, 'label': targets}
+  if aug.mixup > 0 or aug.cutmix > 0:
+    lam, blend, box = mixup.draw(k_mix, height, width, aug.mixup, aug.cutmix,
+                                 prob=aug.get('mixup_prob', 1.0), switch_prob=aug.mixup_switch_prob)
+    lam32 = tf.cast(lam, tf.float32)  # mix_normalize's
+    out['label'] = mixup.mix_targets(targets, lam32)
+    out['mix_lam'] = tf.fill([b], lam32)
+    out['mix_blend'] = tf.fill([b], blend)
+    out['mix_box'] = tf.tile(box[None], [b, 1])
+  if aug.reprob > 0:
+    apply, top, left, h, w, k_noise = augment.erasing_boxes(k_erase, b, height, width, aug.reprob)
+    box = tf.stack([top, top + h, left, left + w], axis=1)
+    out['erase_box'] = tf.where(apply[:, None], box, tf.zeros_like(box))  # empty: not erased
+    out['erase_key'] = tf.random.stateless_uniform([b, 2], k_noise, minval=None, maxval=None,
+                                                   dtype=tf.uint32)
+  return out
+
+
 def _batch_fn(config, num_classes, process_index):
   aug, ds = config.aug, config.dataset
   root = _root_key(config.seed, _BATCH)
   fill = _fill_colour(ds.mean)
   if (aug.mixup > 0 or aug.cutmix > 0) and aug.get('mixup_mode', 'batch') != 'batch':
     raise NotImplementedError("Only mixup_mode='batch' (the original's setting) is implemented.")
+  if aug.reprob > 0 and aug.remode != 'pixel':
+    raise NotImplementedError("Only remode='pixel' (the original's setting) is implemented.")
+  uint8 = on_device.resolve_transfer(ds) == 'uint8'
 
   @tf.autograph.experimental.do_not_convert
   def fn(step, images, labels, epochs, indices, ra_params=None):
     if ra_params is not None:  # each image's own draws: the same as per image, see _example_fn
       images = randaugment.apply_batch(images, ra_params, fill)
     k_mix, k_erase = augment.split(augment.fold_in(root, step, process_index), 2)
+    if uint8:  # the images' rest happens on the accelerator (on_device.prepare)
+      return {**_device_batch(aug, images, labels, num_classes, k_mix, k_erase),
+              '_epoch': epochs, '_index': indices, '_step': step}
     # = augment.normalize(*mixup.mix_batch(...)), bit for bit, as one fused pass.
     x, targets = mixup.mix_normalize(
         images, labels, k_mix, num_classes, aug.mixup, aug.cutmix, ds.mean, ds.std,
         prob=aug.get('mixup_prob', 1.0), switch_prob=aug.mixup_switch_prob,
         smoothing=aug.label_smoothing)
     if aug.reprob > 0:
-      if aug.remode != 'pixel':
-        raise NotImplementedError("Only remode='pixel' (the original's setting) is implemented.")
       x = augment.random_erasing(x, k_erase, aug.reprob)
     return {'image': x, 'label': targets, '_epoch': epochs, '_index': indices, '_step': step}
   return fn
@@ -184,13 +227,15 @@ def train_dataset(config, batch_size, start_step=0, process_index=0, process_cou
   ds = ds.map(lambda step, b: batch_fn(step, *b), num_parallel_calls=_parallel(config),
               deterministic=True)
   if not with_ids:
-    ds = ds.map(lambda d: {'image': d['image'], 'label': d['label']})
+    ds = ds.map(lambda d: {k: v for k, v in d.items() if not k.startswith('_')})
   ds = ds.prefetch(int(ds_cfg.get('prefetch', 2)))
   return ds.with_options(_options(config))
 
 
 def train_iterator(config, batch_size, start_step=0, process_index=0, process_count=1):
-  """Infinite iterator of numpy dicts {'image': float32 (b, S, S, 3), 'label': float32 (b, C)}.
+  """Infinite iterator of numpy dicts {'image': float32 (b, S, S, 3), 'label': float32 (b, C)};
+  with dataset.transfer 'uint8': {'image': uint8, 'label': float32 (b, C), + the batch's draws}
+  for `on_device.prepare` (see `_device_batch`).
 
   Global step g reads epoch g // steps_per_epoch with steps_per_epoch =
   num_train // (batch_size * process_count); start_step=g resumes exactly there.
@@ -218,18 +263,20 @@ def eval_dataset(config, batch_size, process_index=0, process_count=1,
   size = ds_cfg.image_size
   num_examples, _, lookup = sources.make_lookup(ds_cfg, ds_cfg.eval_split)
   start, end = host_range(num_examples, process_index, process_count)
+  uint8 = on_device.resolve_transfer(ds_cfg) == 'uint8'  # then normalised in the eval step
 
   def fn(index):
     image, label = lookup(index)
     image = augment.eval_resize_crop(image, size, ds_cfg.eval_crop_pct,
                                      ds_cfg.get('eval_interpolation', 'bilinear'))
-    x = augment.normalize(image, ds_cfg.mean, ds_cfg.std)
+    x = image if uint8 else augment.normalize(image, ds_cfg.mean, ds_cfg.std)
     return {'image': x, 'label': label, 'mask': tf.constant(True), '_index': index}
 
   ds = tf.data.Dataset.range(start, end).map(fn, num_parallel_calls=_parallel(config),
                                              deterministic=True)
   pad = tf.data.Dataset.from_tensors({
-      'image': tf.zeros([size, size, 3], tf.float32), 'label': tf.constant(0, tf.int32),
+      'image': tf.zeros([size, size, 3], tf.uint8 if uint8 else tf.float32),
+      'label': tf.constant(0, tf.int32),
       'mask': tf.constant(False), '_index': tf.constant(-1, tf.int64)}).repeat()
   ds = ds.concatenate(pad).batch(batch_size, drop_remainder=True)
   ds = ds.take(num_eval_batches(num_examples, batch_size, process_count))
@@ -241,5 +288,6 @@ def eval_dataset(config, batch_size, process_index=0, process_count=1,
 
 def eval_iterator(config, batch_size, process_index=0, process_count=1):
   """numpy dicts {'image': float32 (b,S,S,3), 'label': int32 (b,), 'mask': bool (b,)}; one pass,
-  last batch padded (mask False), the same number of batches on every host."""
+  last batch padded (mask False), the same number of batches on every host. With
+  dataset.transfer 'uint8' the images are uint8, normalised by the eval step."""
   return eval_dataset(config, batch_size, process_index, process_count).as_numpy_iterator()

@@ -54,6 +54,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE
   c.threads = 0  # private tf.data threadpool size; 0 = TF default (all cores)
   c.prefetch = 2  # batches
+  # How batches cross to the device: 'float32' (mixed, normalised and erased on the host),
+  # 'uint8' (the host stops after RandAugment; data/on_device.py does the rest on the
+  # accelerator), 'auto' = 'uint8' on GPU/TPU, 'float32' on CPU (on_device.resolve_transfer).
+  c.transfer = 'auto'
   return c
 
 
