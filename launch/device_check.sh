@@ -9,7 +9,9 @@
 #    compiled cold into an empty persistent cache; then PAT again from that cache (the
 #    restart compile time); PAT in fp32; PAT at 2x and 4x the batch while it fits (the
 #    largest that fits).
-# 2. PAT's step split into its parts (`--breakdown`): where the time goes.
+#    A fresh start's wait: both PAT programs (first step, steady) compiled at once, cold.
+# 2. Where the time goes: a jax.profiler trace of 5 PAT steps (OUT/profile, for TensorBoard or
+#    xprof) and PAT's step split into its parts (`--breakdown`).
 # Writes OUT/device_check.jsonl (one JSON line per benchmark, a failed one as {"error": ...})
 # and OUT/device_check.md (a table), and prints the table. Env: CONFIG (default
 # configs/cifar_convnext_deit.py), BATCH (128), STEPS (10), PYTHON (python), STUDENT_ARG (the
@@ -27,7 +29,7 @@ cd "$(dirname "$0")/.."
 mkdir -p "$OUT_DIR"
 JSONL=$OUT_DIR/device_check.jsonl
 CACHE=$OUT_DIR/jax_cache
-[ "$DRY" = 1 ] || { : > "$JSONL"; rm -rf "$CACHE"; }
+[ "$DRY" = 1 ] || { : > "$JSONL"; rm -rf "$CACHE" "$OUT_DIR/jax_cache_fresh" "$OUT_DIR/profile"; }
 
 bench() {  # bench LABEL CONFIG_ARG [bench flags...]: one JSON line, labelled, into $JSONL
   local label=$1 arg=$2; shift 2
@@ -49,7 +51,11 @@ B="--config.batch_size=$BATCH"
 bench pat_bf16 "" "$B" --config.dtype=bfloat16
 bench kd_bf16 ":kd" "$B" --config.dtype=bfloat16
 bench student_bf16 ":${STUDENT_ARG:-student}" "$B" --config.dtype=bfloat16
-bench pat_bf16_cached "" "$B" --config.dtype=bfloat16   # the same program: a restart's compile
+bench pat_bf16_cached "" "$B" --config.dtype=bfloat16   # the same programs: a restart's compile
+# A fresh run's wait: both PAT programs compiled at once (train.StepPrograms), into an empty cache.
+bench pat_bf16_fresh_start "" "$B" --config.dtype=bfloat16 --compile_only --compile_overlap \
+  "--compilation_cache=$OUT_DIR/jax_cache_fresh"
+bench pat_bf16_profiled "" "$B" --config.dtype=bfloat16 --steps=5 "--profile_dir=$OUT_DIR/profile"
 bench pat_fp32 "" "$B" --config.dtype=float32
 for m in 2 4; do  # the largest batch that fits: stop at the first that does not
   bench "pat_bf16_batch$((BATCH * m))" "" "--config.batch_size=$((BATCH * m))" \
@@ -61,17 +67,21 @@ bench pat_bf16_breakdown "" "$B" --config.dtype=bfloat16 --breakdown --steps=5
 "$PY" - "$JSONL" "$OUT_DIR/device_check.md" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-head = ['run', 'device', 'batch', 'dtype', 's/step (min-max)', 'img/s', 'MFU', 'compile s', 'peak GB']
+head = ['run', 'device', 'batch', 'dtype', 's/step (min-max)', 'img/s', 'MFU', 'compile s',
+        'first-step compile s', 'both at once s', 'peak GB']
 out = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
 for r in rows:
   if 'error' in r:
     out.append(f"| {r['label']} | {r['error']} |" + ' |' * (len(head) - 2))
     continue
+  num = lambda k, f='{:.1f}': f.format(r[k]) if r.get(k) is not None else '–'
   mfu = f"{100 * r['mfu']:.1f}%" if r.get('mfu') else '–'
   peak = f"{r['peak_bytes'] / 1e9:.2f}" if r.get('peak_bytes') else '–'
-  out.append(f"| {r['label']} | {r['device']} | {r['batch_size']} | {r['dtype']} | "
-             f"{r['step_time_s']:.4f} ({r['step_time_min_s']:.4f}-{r['step_time_max_s']:.4f}) | "
-             f"{r['img_per_s']:,.0f} | {mfu} | {r['compile_s']:.1f} | {peak} |")
+  step = (f"{r['step_time_s']:.4f} ({r['step_time_min_s']:.4f}-{r['step_time_max_s']:.4f})"
+          if 'step_time_s' in r else '(compile only)')
+  out.append(f"| {r['label']} | {r['device']} | {r['batch_size']} | {r['dtype']} | {step} | "
+             f"{num('img_per_s', '{:,.0f}')} | {mfu} | {num('compile_s')} | "
+             f"{num('compile_first_s')} | {num('compile_overlap_s')} | {peak} |")
 parts = [r for r in rows if r.get('label') == 'pat_bf16_breakdown' and 'error' not in r]
 if parts:
   extra = {k: v for k, v in parts[0].items() if k.endswith('_s') and k not in (

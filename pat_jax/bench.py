@@ -6,9 +6,13 @@
 
 Student and teacher are randomly initialised (compute does not depend on the values), so no
 dataset or checkpoint is needed. Prints one JSON line with img_per_s, step_time_s
-(median), compile_s, peak_bytes (per device, from the compiled step's memory analysis),
+(median), compile_s (the steady-state program), compile_first_s (a fresh PAT run's first
+step, a program of its own; None for methods without one), compile_overlap_s (with
+--compile_overlap: both compiled at once in two threads, as a fresh run does), peak_bytes
+(per device, from the compiled step's memory analysis),
 mfu (when the device's peak FLOP/s is known) and device.
 """
+import concurrent.futures
 import json
 import statistics
 import sys
@@ -26,6 +30,12 @@ flags.DEFINE_bool('json', False, 'Print only the JSON line.')
 flags.DEFINE_bool('torch', False, 'Time the same step in timm + PyTorch instead (method none/kd).')
 flags.DEFINE_bool('compile_only', False, 'Compile and report memory/FLOPs without running the step.')
 flags.DEFINE_bool('breakdown', False, 'PAT: also time the parts of the step separately.')
+flags.DEFINE_bool('compile_overlap', False,
+                  'PAT: compile the first-step and steady programs at once, in two threads, as '
+                  'a fresh training run does (train.StepPrograms); compile_overlap_s is the wall '
+                  'time of both, compile_s and compile_first_s each thread\'s own.')
+flags.DEFINE_string('profile_dir', '', 'Write a jax.profiler trace of the timed steps there '
+                    '(open with TensorBoard or xprof).')
 flags.DEFINE_string('compilation_cache', '',
                     "JAX's persistent compilation cache folder, every program cached: run twice "
                     "with one folder to time a cached start. '': JAX's own setting (off unless "
@@ -105,7 +115,14 @@ def pat_breakdown(trainer, state, batch, teacher_vars, steps):
   }
 
 
-def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False):
+def _timed_compile(train_step, args, first):
+  t0 = time.perf_counter()
+  compiled = train_step.lower(*args, first=first).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False,
+              compile_overlap=False, profile_dir=''):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -128,9 +145,19 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False):
   batch = sharding.global_batch({'image': rng.standard_normal((b, s, s, 3), dtype=np.float32),
                                  'label': labels}, mesh)
 
-  t0 = time.perf_counter()
-  compiled = trainer.train_step.lower(state, batch, teacher_vars).compile()
-  compile_s = time.perf_counter() - t0
+  # A fresh PAT run also compiles its first step (no feedback yet), a second program: timed
+  # one after the other, or (--compile_overlap) in two threads as train.StepPrograms does.
+  args, compile_first_s, compile_overlap_s = (state, batch, teacher_vars), None, None
+  if trainer.method.first_step_differs() and compile_overlap:
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      jobs = [pool.submit(_timed_compile, trainer.train_step, args, f) for f in (False, True)]
+      (compiled, compile_s), (_, compile_first_s) = [job.result() for job in jobs]
+    compile_overlap_s = time.perf_counter() - t0
+  else:
+    compiled, compile_s = _timed_compile(trainer.train_step, args, False)
+    if trainer.method.first_step_differs():
+      _, compile_first_s = _timed_compile(trainer.train_step, args, True)
   mem = compiled.memory_analysis()
   peak = None
   if mem is not None:
@@ -146,6 +173,7 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False):
       'impl': 'pat_jax', 'model': config.model.name, 'teacher': config.teacher.name,
       'method': config.method.name, 'batch_size': b, 'image_size': s, 'dtype': config.dtype,
       'remat': bool(config.model.remat or config.teacher.remat), 'compile_s': compile_s,
+      'compile_first_s': compile_first_s, 'compile_overlap_s': compile_overlap_s,
       'peak_bytes': peak, 'flops_per_step': flops, 'device': f'{n} x {device.device_kind} ({device.platform})'}
   if compile_only:
     return result
@@ -153,11 +181,15 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False):
   state, m = compiled(state, batch, teacher_vars)  # first run (allocations)
   jax.block_until_ready(m)
   times = []
+  if profile_dir:
+    jax.profiler.start_trace(profile_dir)
   for _ in range(steps):
     t = time.perf_counter()
     state, m = compiled(state, batch, teacher_vars)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
+  if profile_dir:
+    jax.profiler.stop_trace()
   step_time = statistics.median(times)
   stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
   peak_flops = _peak_flops(device.device_kind)
@@ -246,7 +278,7 @@ def main(argv):
     result = bench_torch(FLAGS.config, FLAGS.steps, FLAGS.num_classes)
   else:
     result = bench_jax(FLAGS.config, FLAGS.steps, FLAGS.num_classes, FLAGS.compile_only,
-                       FLAGS.breakdown)
+                       FLAGS.breakdown, FLAGS.compile_overlap, FLAGS.profile_dir)
   if FLAGS.json:
     print(json.dumps(result), flush=True)
   else:

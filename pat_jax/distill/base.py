@@ -60,6 +60,11 @@ class Method:
   def cross_entropy(self, logits, labels):
     return self.config.method.get('ce_weight', 1.0) * losses.soft_target_cross_entropy(logits, labels)
 
+  def first_step_differs(self) -> bool:
+    """Whether `__call__(..., first=True)` computes something else than a later step (PAT's
+    prompts have no feedback yet). When False the run never compiles a separate first step."""
+    return False
+
   # -- the step ---------------------------------------------------------------
   def __call__(self, params, batch_stats, state, teacher_variables, batch, rng,
                first: bool = False) -> StepOutput:

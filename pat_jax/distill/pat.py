@@ -147,6 +147,10 @@ class PAT(base.Method):
     state = {'student': fb, 'teacher': dict(fb)}
     return params, stats, state
 
+  def first_step_differs(self):
+    # Without feedback (no AFP stages, or afp_feedback=False) every step is the same program.
+    return bool(self.net.afp_stages) and bool(self.net.afp_feedback)
+
   def state_shardings(self, abstract_state, mesh):
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     # Feedback of sample i stays with sample i's shard, as per-rank feedback under DDP.
