@@ -46,6 +46,13 @@ def _model_overrides(config, name, dtype):
   return overrides
 
 
+def teacher_scan_override(config, name):
+  """teacher.scan_blocks for teachers that can run their blocks as one loop (ConvNeXt)."""
+  if 'scan_blocks' not in models.spec(name).module.__dataclass_fields__:
+    return {}
+  return {'scan_blocks': bool(config.teacher.get('scan_blocks', False))}
+
+
 def _student_variables(params, batch_stats):
   v = {'params': params['student']}
   if batch_stats.get('student'):
@@ -245,7 +252,7 @@ def load_teacher(config, num_classes, workdir, mesh):
         f'then set --config.teacher.checkpoint=DIR; or train one with configs/teacher_cifar_convnext.py.')
   overrides = _model_overrides(config, tcfg.name, jnp.dtype(config.dtype))
   teacher = models.create(tcfg.name, num_classes=num_classes, remat=tcfg.get('remat', False),
-                          **overrides)
+                          **overrides, **teacher_scan_override(config, tcfg.name))
   shape_overrides = {k: v for k, v in overrides.items() if k != 'dtype'}
   variables = weights.load(path, tcfg.name, num_classes, sharding.replicated(mesh), **shape_overrides)
 

@@ -141,3 +141,33 @@ def test_sharded_batch_gives_global_batchnorm_statistics():
   chex_tree = jax.tree_util.tree_map(lambda a, b: np.abs(np.asarray(a, np.float64) - b).max(),
                                      upd, ref_upd)
   assert max(jax.tree_util.tree_leaves(chex_tree)) < 1e-5
+
+
+def test_scanned_convnext_stages_equal_the_unrolled_blocks():
+  """Eval mode runs each ConvNeXt stage's blocks as one lax.scan over their stacked weights
+  (scan_blocks=True, teacher.scan_blocks): the same parameters, outputs, stage taps and
+  gradients (to the input and to every weight) as the unrolled blocks, with and without remat."""
+  for remat in (False, True):
+    _check_scanned_convnext(remat)
+
+
+def _check_scanned_convnext(remat):
+  scanned = models.create('mini_convnext', num_classes=10, remat=remat, scan_blocks=True)
+  unrolled = models.create('mini_convnext', num_classes=10, remat=remat)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = scanned.init(jax.random.key(1), x)
+  assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+      unrolled.init(jax.random.key(1), x))
+
+  def loss(model, v, x):
+    logits, feats = model.apply(v, x, train=False, return_features=True)
+    return jnp.sum(logits ** 2) + sum(jnp.sum(jnp.sin(f)) for f in feats)
+
+  with jax.default_matmul_precision('highest'):
+    fns = [jax.jit(jax.value_and_grad(lambda v, x, m=m: loss(m, v, x), argnums=(0, 1)))
+           for m in (scanned, unrolled)]
+    (a, b) = [f(variables, x) for f in fns]
+    assert 'while' in jax.jit(lambda v, x: loss(scanned, v, x)).lower(variables, x).as_text()
+  for p, q in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(np.asarray(p), np.asarray(q), rtol=1e-5,
+                               atol=1e-6 * float(np.abs(q).max()))

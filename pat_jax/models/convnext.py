@@ -6,6 +6,7 @@ an ordinary last-axis LayerNorm in NHWC. Module names mirror timm's keys.
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from pat_jax.models import layers
@@ -39,6 +40,8 @@ class Stage(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
 
+  scan: bool = False  # eval mode: the blocks as one lax.scan (see _scanned_blocks)
+
   @nn.compact
   def __call__(self, x, train):
     block = layers.maybe_remat(Block, self.remat)
@@ -46,9 +49,29 @@ class Stage(nn.Module):
       x = layers.LayerNorm(dtype=self.dtype, name='downsample_0')(x)
       x = layers.conv(self.dim, 2, 2, 0, dtype=self.dtype, kernel_init=layers.trunc_normal_02,
                       name='downsample_1')(x)
+    if self.scan and not train and self.depth > 1 and not self.is_initializing():
+      return self._scanned_blocks(x)
     for b in range(self.depth):
       x = block(self.dim, self.drop_paths[b], self.ls_init_value, self.dtype, name=f'blocks_{b}')(x, train)
     return x
+
+  def _scanned_blocks(self, x):
+    """The stage's blocks as one loop over their stacked weights: XLA compiles one block
+    instead of `depth` copies (a frozen teacher runs in eval mode, twice per PAT step, and its
+    9-block stage dominated the compiled program). Same parameters (`blocks_<b>`, stacked
+    here on the fly, so checkpoints and timm conversion are unchanged) and the same function;
+    eval mode only, where no block draws randomness (drop path). With remat, each iteration's
+    activations are recomputed in the backward pass."""
+    params = self.variables['params']
+    stacked = jax.tree_util.tree_map(lambda *p: jnp.stack(p),
+                                     *[params[f'blocks_{b}'] for b in range(self.depth)])
+    proto = Block(self.dim, 0.0, self.ls_init_value, self.dtype)
+
+    def body(y, block_params):
+      return proto.apply({'params': block_params}, y, False), None
+    if self.remat:
+      body = jax.checkpoint(body)
+    return jax.lax.scan(body, x, stacked)[0]
 
 
 class Head(nn.Module):
@@ -69,6 +92,7 @@ class ConvNeXt(nn.Module):
   ls_init_value: float = 1e-6
   dtype: Any = jnp.float32
   remat: bool = False  # recompute block activations in the backward pass (less memory)
+  scan_blocks: bool = False  # eval mode: each stage's blocks as one loop (Stage._scanned_blocks)
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False, stage_hook=None):
@@ -83,7 +107,7 @@ class ConvNeXt(nn.Module):
       # (official-pat-code.md section 1.5).
       x = layers.hook(stage_hook, s, x)
       x = Stage(dim, depth, s > 0, dpr[k:k + depth], self.ls_init_value, self.dtype, self.remat,
-                name=f'stages_{s}')(x, train)
+                self.scan_blocks, name=f'stages_{s}')(x, train)
       k += depth
       features.append(x)
 
