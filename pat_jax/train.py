@@ -150,15 +150,20 @@ class StepPrograms:
   Compiled one after the other, a start waits for two compiles. Here the steady program is
   lowered and compiled in a background thread while the first one compiles and runs (XLA
   compiles outside the GIL), so the wait is about the longer of the two; later steps call the
-  compiled executable directly. A resumed run, or a method without a first step of its own,
-  uses the jitted step as it is: one program, from the persistent cache on a restart.
+  compiled executable directly. `overlap` (None: on accelerators only) turns that off: on the
+  2-core CPU VM, where XLA's compiler already uses both cores, two compiles at once took longer
+  than one after the other (docs/BENCHMARKS.md). A resumed run, or a method without a first
+  step of its own, uses the jitted step as it is: one program, from the persistent cache on a
+  restart.
   """
 
-  def __init__(self, train_step, method, state, batch, teacher_vars, fresh):
+  def __init__(self, train_step, method, state, batch, teacher_vars, fresh, overlap=None):
     self._train_step = train_step
     self._has_first = bool(fresh) and method.first_step_differs()
     self._future, self._steady = None, None
-    if self._has_first:
+    if overlap is None:
+      overlap = jax.default_backend() != 'cpu'
+    if self._has_first and overlap:
       spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # pylint: disable=unnecessary-lambda-assignment
       avals = jax.tree_util.tree_map(spec, (state, batch, teacher_vars))
       pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile-steady')
@@ -170,6 +175,8 @@ class StepPrograms:
       return self._train_step(state, batch, teacher_vars)
     if step == 1:
       return self._train_step(state, batch, teacher_vars, first=True)
+    if self._future is None:
+      return self._train_step(state, batch, teacher_vars)
     if self._steady is None:
       self._steady = self._future.result()  # re-raises a failed compile here
     return self._steady(state, batch, teacher_vars)

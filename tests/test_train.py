@@ -251,15 +251,21 @@ def test_step_programs_compile_the_steady_step_beside_the_first():
   expected, firsts, _ = run(lambda state: None)
   assert firsts == [True, False, False]
   got, firsts, programs = run(
-      lambda state: train.StepPrograms(step, Method(True), state, batches[0], tv, fresh=True))
+      lambda state: train.StepPrograms(step, Method(True), state, batches[0], tv, fresh=True,
+                                       overlap=True))
   np.testing.assert_array_equal(got, expected)
   assert firsts == [True, False, False]
   assert programs._future is not None and programs._steady is not None  # pylint: disable=protected-access
   # No first step of its own, or a resumed run: the jitted step alone, never with first=True.
   for method, fresh in ((Method(False), True), (Method(True), False)):
     _, firsts, programs = run(lambda state, m=method, f=fresh: train.StepPrograms(
-        step, m, state, batches[0], tv, fresh=f))
+        step, m, state, batches[0], tv, fresh=f, overlap=True))
     assert firsts == [False] * 3 and programs._future is None  # pylint: disable=protected-access
+  # On CPU (the default there) the two programs compile one after the other.
+  got, firsts, programs = run(
+      lambda state: train.StepPrograms(step, Method(True), state, batches[0], tv, fresh=True))
+  np.testing.assert_array_equal(got, expected)
+  assert firsts == [True, False, False] and programs._future is None  # pylint: disable=protected-access
 
 
 def test_missing_teacher_says_how_to_get_one(data_dir, tmp_path):
