@@ -4,17 +4,17 @@ Always:
   --xla_cpu_experimental_ynn_fusion_type=individual_dot
       Each matrix product is its own YNNPACK call instead of being fused with the
       element-wise ops around it: XLA's default fusion made every bias add materialise a
-      broadcast the size of the product. ConvNeXt-T forward at batch 8: 0.58 -> 0.42 s;
-      PAT ConvNeXt-T -> DeiT-T step: 2.31 -> 2.15 s (2-core CPU).
+      broadcast the size of the product.
 With rematerialisation on (model.remat or teacher.remat):
   --xla_cpu_enable_concurrency_optimized_scheduler=false
       The default CPU scheduler runs the recomputed forwards early, keeping all their
-      activations alive, which undoes rematerialisation: the PAT step's peak at batch 128
-      (bf16) is 10.1 GB with it and 6.0 GB without. It costs about 4% of step time, so it is
+      activations alive, which undoes rematerialisation. It costs some step time, so it is
       only set when memory was asked for.
+Measurements of both: docs/BENCHMARKS.md ("XLA:CPU flags").
 
-The flags only affect the CPU backend. PAT_JAX_XLA_CPU_FLAGS=0 leaves XLA_FLAGS alone;
-a flag already in XLA_FLAGS is not overridden.
+The flags only affect the CPU backend (they are set before the backend is known; the other
+CPU-only forms are chosen per backend in `pat_jax.kernels`). PAT_JAX_XLA_CPU_FLAGS=0 leaves
+XLA_FLAGS alone; a flag already in XLA_FLAGS is not overridden.
 """
 import os
 

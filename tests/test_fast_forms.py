@@ -1,7 +1,8 @@
-"""The exact reformulations that make the PAT step fast equal the plain computations they
-replace, values and gradients: the pooled PromptBlock (faithful SE gate), BatchNorm and 1x1
-conv before a nearest upsampling in the aligners, the depthwise convolution's and GELU's own
-gradient rules."""
+"""The fast forms (`pat_jax.kernels`) equal the plain computations they replace, values and
+gradients: the pooled PromptBlock (faithful SE gate), BatchNorm and 1x1 conv before a nearest
+upsampling in the aligners, 1x1 and patchify convolutions as matrix products, the depthwise
+convolution's, GELU's and `taps_dot`'s own gradient rules. Which form each backend takes:
+tests/test_kernels.py."""
 import functools
 
 import flax.linen as nn
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pat_jax import kernels
 from pat_jax.distill import pat_modules as pm
 from pat_jax.distill import prompts, projectors
 from pat_jax.models import layers
@@ -127,14 +129,29 @@ def test_aligner_upsampling_last_equals_resize_first(cls, in_shape, out_shape, t
   _assert_close(upd['batch_stats'], {'conv_0': upd_ref})
 
 
+def test_aligner_resize_first_equals_last():
+  # The override's 'first' (the original's order) is the same function as the default 'last'.
+  x = _rand(0, (3, 16, 12), 2.0) + 1.0
+  module = projectors.ViT2CNNProjector((16, 12), (7, 7, 8))
+  v = module.init(jax.random.key(1), x, True)
+  v = {'params': _perturb(v['params'], 2), 'batch_stats': v['batch_stats']}
+  run = lambda: module.apply(v, x, True, mutable=['batch_stats'])
+  with HIGHEST():
+    with kernels.use(aligner_resize='first'):
+      want = run()
+    with kernels.use(aligner_resize='last'):
+      got = run()
+  _assert_close(got, want)
+
+
 def test_taps_dot_gradient_rule_equals_autodiff():
   u, kernel = _rand(0, (3, 5, 5, 4)), _rand(1, (5, 5, 4, 6))
   loss = lambda f, u, w: jnp.sum(jnp.cos(f(u, w)) * jnp.arange(6.0))
-  plain = lambda u, w: jnp.einsum('bijc,ijco->bo', u, w)
   with HIGHEST():
-    want = jax.jit(jax.value_and_grad(functools.partial(loss, plain), argnums=(0, 1)))(u, kernel)
-    got = jax.jit(jax.value_and_grad(functools.partial(loss, prompts.taps_dot), argnums=(0, 1)))(
-        u, kernel)
+    want = jax.jit(jax.value_and_grad(functools.partial(loss, kernels.taps_dot_xla),
+                                      argnums=(0, 1)))(u, kernel)
+    got = jax.jit(jax.value_and_grad(functools.partial(loss, kernels.taps_dot_rule),
+                                     argnums=(0, 1)))(u, kernel)
   _assert_close(got, want)
 
 
@@ -142,18 +159,43 @@ def test_taps_dot_gradient_rule_equals_autodiff():
 def test_shifted_depthwise_gradients_equal_xla_convolution(shape, k, p):
   x = _rand(0, shape)
   kernel = _rand(1, (k, k, 1, shape[-1]))
-  loss = lambda impl, x, w: jnp.sum(jnp.cos(layers.depthwise(x, w, p, impl)) * x)
+  loss = lambda f, x, w: jnp.sum(jnp.cos(f(x, w, p)) * x)
   with HIGHEST():
-    want = jax.jit(jax.value_and_grad(functools.partial(loss, 'xla'), argnums=(0, 1)))(x, kernel)
-    got = jax.jit(jax.value_and_grad(functools.partial(loss, 'shift'), argnums=(0, 1)))(x, kernel)
+    want = jax.jit(jax.value_and_grad(functools.partial(loss, kernels.xla_depthwise),
+                                      argnums=(0, 1)))(x, kernel)
+    got = jax.jit(jax.value_and_grad(functools.partial(loss, kernels.shifted_depthwise),
+                                     argnums=(0, 1)))(x, kernel)
+  _assert_close(got, want)
+
+
+@pytest.mark.parametrize('x_shape,k,stride,groups,features', [
+    ((2, 5, 6, 8), 1, 1, 1, 12),     # 1x1
+    ((2, 5, 6, 8), 1, 1, 4, 12),     # grouped 1x1 (the prompt's groups=4)
+    ((2, 8, 12, 3), 4, 4, 1, 10),    # patchify (a ConvNeXt stem, a ViT patch embedding)
+    ((2, 6, 6, 5), 2, 2, 1, 7),      # ConvNeXt downsample
+])
+def test_matmul_convolutions_equal_xla_convolution(x_shape, k, stride, groups, features):
+  x = _rand(0, x_shape)
+  kernel = _rand(1, (k, k, x_shape[-1] // groups, features))
+  assert kernels.matmul_conv(x, kernel, stride, 0, groups) is not None
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def out_and_grads(f, x, w):   # the output, and the gradients for a random cotangent
+    y, vjp = jax.vjp(lambda x, w: f(x, w, stride, 0, groups), x, w)
+    return y, vjp(jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape))
+
+  with HIGHEST():
+    want = out_and_grads(kernels.xla_conv, x, kernel)
+    got = out_and_grads(kernels.matmul_conv, x, kernel)
   _assert_close(got, want)
 
 
 def test_gelu_is_exact_erf_form_with_its_derivative():
   x = jnp.linspace(-6.0, 6.0, 1001)
-  np.testing.assert_allclose(layers.gelu(x), nn.gelu(x, approximate=False), rtol=0, atol=0)
-  g = jax.vmap(jax.grad(layers.gelu))(x)
+  np.testing.assert_allclose(kernels.gelu_rule(x), nn.gelu(x, approximate=False), rtol=0, atol=0)
+  np.testing.assert_allclose(kernels.gelu_xla(x), nn.gelu(x, approximate=False), rtol=0, atol=0)
+  g = jax.vmap(jax.grad(kernels.gelu_rule))(x)
   g_ref = jax.vmap(jax.grad(functools.partial(nn.gelu, approximate=False)))(x)
   np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-6)
   # bf16 in, bf16 gradient out.
-  assert jax.grad(lambda v: layers.gelu(v).sum())(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+  assert jax.grad(lambda v: kernels.gelu_rule(v).sum())(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16

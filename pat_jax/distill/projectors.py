@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from pat_jax import kernels
 from pat_jax.models import layers
 
 Shape = Tuple[int, ...]
@@ -171,14 +172,15 @@ def _resize_bn_conv(module, x, train):
   When the resize enlarges the map (the RAA aligners: 4x4 tokens -> up to 56x56), it is done
   last: BatchNorm is a per-channel affine map and the conv a per-pixel one, so both commute
   with nearest resizing, provided the batch statistics count each source cell as often as it
-  is copied. The same function, 50-200x fewer operations (XLA spent ~0.2 s of a CPU step
-  normalising and projecting a 56x56x512 map that holds 16 distinct vectors)."""
+  is copied. The same function, 50-200x fewer operations (a 56x56x512 map holds 16 distinct
+  vectors; timings in docs/BENCHMARKS.md). `kernels.form('aligner_resize')`: 'last' (this,
+  the default everywhere) or 'first' (the original's order, for benchmarks)."""
   h, w, c = module.out_shape
   _, hi, wi, _ = x.shape
   bn = layers.BatchNorm(dtype=module.dtype, name='conv_0')
   conv = layers.conv(c, 1, use_bias=False, dtype=module.dtype, kernel_init=kaiming_normal_fan_out,
                      name='conv_1')
-  if h * w <= hi * wi:
+  if h * w <= hi * wi or kernels.form('aligner_resize') == 'first':
     return conv(bn(nearest_resize_legacy(x, h, w), train))
   counts = np.outer(nearest_counts(hi, h), nearest_counts(wi, w))
   return nearest_resize_legacy(conv(bn(x, train, counts=counts)), h, w)

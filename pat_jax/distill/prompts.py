@@ -25,10 +25,10 @@ Quirk switches (module fields; the default reproduces the original, DESIGN.md #8
 from typing import Any, Optional, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pat_jax import kernels
 from pat_jax.distill import projectors
 from pat_jax.models import layers
 
@@ -99,32 +99,6 @@ def window_sums(x, k: int):
   return sums, np.outer(span(h), span(w))
 
 
-@jax.custom_vjp
-def taps_dot(u, kernel):
-  """einsum('bijc,ijco->bo', u, kernel): each sample's window sums through the kxk kernel.
-
-  Its own gradient rule only so that the input gradient contracts the kernel as the row-major
-  left operand ((ijc, o) x (b, o) -> (ijc, b), then a small transpose). XLA's derivative
-  (b, o) x (ijc, o)^T made XLA:CPU copy every 5x5 fusion kernel into transposed layouts
-  each step: 61 ms of the PAT ConvNeXt-T -> DeiT-T step at batch 8 (a jax.profiler trace),
-  for a product of 8 rows.
-  """
-  return jnp.einsum('bijc,ijco->bo', u, kernel)
-
-
-def _taps_dot_fwd(u, kernel):
-  return taps_dot(u, kernel), (u, kernel)
-
-
-def _taps_dot_bwd(res, g):
-  u, kernel = res
-  du = jnp.transpose(jnp.einsum('ijco,bo->ijcb', kernel, g), (3, 0, 1, 2))
-  return du.astype(u.dtype), jnp.einsum('bijc,bo->ijco', u, g).astype(kernel.dtype)
-
-
-taps_dot.defvjp(_taps_dot_fwd, _taps_dot_bwd)
-
-
 def conv_chain_mean(x, weights, dtype=jnp.float32):
   """mean over space of `conv_chain(x, weights)`, as (B, 1, 1, C), without the full maps.
   x: a map, or a tuple of maps that `conv_chain` would see concatenated over channels.
@@ -147,7 +121,7 @@ def conv_chain_mean(x, weights, dtype=jnp.float32):
   if k1.shape[2] == 1 and k1.shape[3] == u.shape[-1] > 1:                    # depthwise
     v = jnp.einsum('bijc,ijc->bc', u, k1[:, :, 0, :].astype(u.dtype))
   else:
-    v = taps_dot(u, k1.astype(u.dtype))
+    v = kernels.taps_dot(u, k1.astype(u.dtype))
   v = v / (h * w) + b1.astype(v.dtype)
   return layers.conv_apply(v[:, None, None, :], k2, b2, dtype=dtype)
 
@@ -203,9 +177,10 @@ class PromptBlock(nn.Module):
   original always runs PromptBlocks in train mode). `init` always creates every
   parameter, also when called without feedback.
 
-  `pooled` (default True, used with se_mode='gate'): the fusion and prompt branches are
-  computed through their spatial means (`conv_chain_mean`), the same function without the
-  full-resolution convolutions; False computes them directly.
+  `pooled` (used with se_mode='gate'): True computes the fusion and prompt branches through
+  their spatial means (`conv_chain_mean`), the same function without the full-resolution
+  convolutions; False computes them directly; None (default) takes
+  `kernels.form('prompt_chain')` ('pooled' on every backend unless overridden).
   """
   in_shape: Tuple[int, ...]
   out_shape: Tuple[int, ...]
@@ -213,7 +188,7 @@ class PromptBlock(nn.Module):
   se_mode: str = 'gate'
   cls_token: str = 'last'
   se_ratio: int = 16
-  pooled: bool = True   # se_mode='gate' only: compute through spatial means (same function)
+  pooled: Optional[bool] = None  # se_mode='gate' only: through spatial means (same function)
   dtype: Any = jnp.float32
 
   @property
@@ -227,7 +202,8 @@ class PromptBlock(nn.Module):
   def _pooled(self) -> bool:
     """Faithful SE (Q2) makes each conv chain's output matter only through its spatial
     mean, which `conv_chain_mean` computes exactly without the full-resolution maps."""
-    return self.se_mode == 'gate' and self.pooled
+    pooled = (kernels.form('prompt_chain') == 'pooled') if self.pooled is None else self.pooled
+    return self.se_mode == 'gate' and pooled
 
   def _fusion(self, x_grid, fb, train):
     c = self.channels

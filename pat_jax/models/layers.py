@@ -14,32 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pat_jax import kernels
+
 Dtype = Any
 
 
-@jax.custom_vjp
-def gelu(x):
-  """torch.nn.GELU(): the exact erf form (flax.linen.gelu defaults to tanh).
-
-  Its own gradient rule keeps one residual, x, and computes Phi(x) + x phi(x) in the backward
-  pass: differentiating the formula made XLA keep six full-size intermediates per MLP (most
-  of a ConvNeXt's activation memory, and a memory-bound backward fusion).
-  """
-  return nn.gelu(x, approximate=False)
-
-
-def _gelu_fwd(x):
-  return gelu(x), x
-
-
-def _gelu_bwd(x, g):
-  xf = x.astype(jnp.float32)
-  cdf = 0.5 * (1.0 + jax.lax.erf(xf * (1.0 / math.sqrt(2.0))))
-  pdf = jnp.exp(-0.5 * xf * xf) * (1.0 / math.sqrt(2.0 * math.pi))
-  return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(g.dtype),)
-
-
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
+# torch.nn.GELU(): the exact erf form (flax.linen.gelu defaults to tanh), in the form
+# `kernels.form('gelu')` selects for the backend.
+gelu = kernels.gelu
 
 # timm's LayerNorm eps for ViT/DeiT/ConvNeXt/Mixer.
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-6)
@@ -71,7 +53,8 @@ def conv(features, kernel, stride=1, padding=0, groups=1, use_bias=True, dtype=j
 class Conv(nn.Module):
   """Conv2d, NHWC, with nn.Conv's parameters (kernel (k, k, I/groups, O), bias (O,)).
 
-  The computation is `conv_apply`'s (the cheapest exact form of each convolution).
+  The computation is `conv_apply`'s (each convolution in the form `kernels` selects for the
+  backend).
   """
   features: int
   kernel: int
@@ -116,100 +99,14 @@ class ConvWeights(nn.Module):
 
 def conv_apply(x, kernel, bias=None, stride: int = 1, padding: int = 0, groups: int = 1,
                dtype: Dtype = jnp.float32):
-  """Conv2d (NHWC, kernel (k, k, I/groups, O), PyTorch's symmetric integer padding).
-
-  The same function is computed in the cheapest exact form: a 1x1 convolution is a matrix
-  product (grouped: one per group), a patchify convolution (kernel == stride, no padding)
-  is a reshape and a matrix product, a depthwise one goes to `depthwise`; the rest go to XLA's
-  convolution. On XLA's CPU backend the matrix forms are 3-4x faster forward and backward.
-  """
-  k, s, p, g = kernel.shape[0], stride, padding, groups
-  b, h, w, cin = x.shape
-  features = kernel.shape[-1]
+  """Conv2d (NHWC, kernel (k, k, I/groups, O), PyTorch's symmetric integer padding), in the
+  forms `kernels.conv2d` selects for the backend (1x1 and patchify convolutions as matrix
+  products and depthwise ones as shifted multiply-adds on CPU; the same function)."""
   x, kernel = x.astype(dtype), kernel.astype(dtype)
-  if g == cin and features == cin and s == 1 and g > 1:
-    y = depthwise(x, kernel, p)
-  elif k == 1 and s == 1 and p == 0:
-    if g == 1:
-      y = jnp.dot(x, kernel[0, 0])
-    else:  # block-diagonal: group i maps channels [i*cin/g, ...) to outputs [i*O/g, ...)
-      xg = x.reshape(b, h, w, g, cin // g)
-      wg = kernel[0, 0].reshape(cin // g, g, features // g)
-      y = jnp.einsum('bhwgc,cgo->bhwgo', xg, wg).reshape(b, h, w, features)
-  elif k == s and p == 0 and g == 1 and h % k == 0 and w % k == 0:
-    patches = x.reshape(b, h // k, k, w // k, k, cin).transpose(0, 1, 3, 2, 4, 5)
-    y = jnp.dot(patches.reshape(b, h // k, w // k, k * k * cin), kernel.reshape(-1, features))
-  else:
-    y = jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)),
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                     feature_group_count=g)
+  y = kernels.conv2d(x, kernel, stride, padding, groups)
   if bias is not None:
     y = y + bias.astype(dtype)
   return y
-
-
-def depthwise_impl(impl: str = 'auto') -> str:
-  """'auto': shifted multiply-adds on CPU, XLA's grouped convolution elsewhere."""
-  if impl == 'auto':
-    return 'shift' if jax.default_backend() == 'cpu' else 'xla'
-  if impl not in ('shift', 'xla'):
-    raise ValueError(f"depthwise conv impl must be 'auto', 'shift' or 'xla', got {impl!r}.")
-  return impl
-
-
-def depthwise(x, kernel, padding: int, impl: str = 'auto'):
-  """k x k depthwise convolution (kernel (k, k, 1, C)), stride 1, symmetric padding.
-
-  XLA's CPU backend runs grouped convolutions, and especially their gradients, one to two
-  orders of magnitude slower than dense ones; on CPU the same sum is written as k*k shifted
-  multiply-adds, which XLA fuses into one loop (`shifted_depthwise`). Accelerators keep the
-  native grouped convolution.
-  """
-  p, c = padding, x.shape[-1]
-  if depthwise_impl(impl) == 'xla':
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((p, p), (p, p)),
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                        feature_group_count=c)
-  return shifted_depthwise(x, kernel, p)
-
-
-def _shift_add(x, kernel, padding: int):
-  k = kernel.shape[0]
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  h, w = xp.shape[1] - k + 1, xp.shape[2] - k + 1
-  return sum(xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0] for i in range(k) for j in range(k))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def shifted_depthwise(x, kernel, padding: int):
-  """Depthwise convolution as k*k shifted multiply-adds, with its own gradient rule.
-
-  The input gradient is the same shift-add with the kernel flipped (padding k-1-p);
-  differentiating the forward instead gave XLA a sum of k*k padded tensors that ran 8x
-  slower (40 ms per ConvNeXt-T stage-0 block at batch 8, most of the prompted teacher's
-  backward). The kernel gradient is one reduction per tap (XLA drops it where the kernel
-  is not differentiated, as for the frozen teacher).
-  """
-  return _shift_add(x, kernel, padding)
-
-
-def _shifted_depthwise_fwd(x, kernel, padding):
-  return _shift_add(x, kernel, padding), (x, kernel)
-
-
-def _shifted_depthwise_bwd(padding, res, g):
-  x, kernel = res
-  k = kernel.shape[0]
-  dx = _shift_add(g, kernel[::-1, ::-1], k - 1 - padding)
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  h, w = g.shape[1], g.shape[2]
-  dk = jnp.stack([jnp.stack([(xp[:, i:i + h, j:j + w, :] * g).astype(jnp.float32).sum((0, 1, 2))
-                            for j in range(k)])
-                  for i in range(k)])
-  return dx.astype(x.dtype), dk[:, :, None, :].astype(kernel.dtype)
-
-
-shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
 
 
 class BatchNorm(nn.Module):
