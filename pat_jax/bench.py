@@ -14,6 +14,7 @@ mfu (when the device's peak FLOP/s is known) and device.
 """
 import concurrent.futures
 import json
+import os
 import statistics
 import sys
 import time
@@ -34,6 +35,8 @@ flags.DEFINE_bool('compile_overlap', False,
                   'PAT: compile the first-step and steady programs at once, in two threads, as '
                   'a fresh training run does (train.StepPrograms); compile_overlap_s is the wall '
                   'time of both, compile_s and compile_first_s each thread\'s own.')
+flags.DEFINE_string('kernels', '', 'Forms of the fast ops (pat_jax/kernels), as PAT_JAX_KERNELS: '
+                    "'plain', or 'op=form,...'; '': the backend's table.")
 flags.DEFINE_string('profile_dir', '', 'Write a jax.profiler trace of the timed steps there '
                     '(open with TensorBoard or xprof).')
 flags.DEFINE_string('compilation_cache', '',
@@ -126,7 +129,7 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False,
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from pat_jax import models, sharding, train  # pylint: disable=g-import-not-at-top
+  from pat_jax import kernels, models, sharding, train  # pylint: disable=g-import-not-at-top
 
   mesh = sharding.make_mesh(config.get('num_devices', 0))
   teacher = teacher_vars = None
@@ -183,7 +186,8 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False,
       'method': config.method.name, 'batch_size': b, 'image_size': s, 'dtype': config.dtype,
       'remat': bool(config.model.remat or config.teacher.remat), 'compile_s': compile_s,
       'compile_first_s': compile_first_s, 'compile_overlap_s': compile_overlap_s,
-      'peak_bytes': peak, 'flops_per_step': flops, 'device': f'{n} x {device.device_kind} ({device.platform})'}
+      'peak_bytes': peak, 'flops_per_step': flops, 'kernels': kernels.resolved(),
+      'device': f'{n} x {device.device_kind} ({device.platform})'}
   if compile_only:
     return result
   extra = pat_breakdown(trainer, state, batch, teacher_vars, steps) if breakdown else {}
@@ -283,6 +287,10 @@ def main(argv):
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  if FLAGS.kernels:
+    from pat_jax import kernels  # pylint: disable=g-import-not-at-top
+    kernels.parse(FLAGS.kernels, '--kernels')  # a bad name stops here, naming the choices
+    os.environ[kernels.ENV] = FLAGS.kernels
   if FLAGS.torch:
     result = bench_torch(FLAGS.config, FLAGS.steps, FLAGS.num_classes)
   else:

@@ -21,7 +21,7 @@ runpy.run_module('pat_jax.bench', run_name='__main__', alter_sys=True)
 def test_bench_json_keys_without_tensorflow():
   proc = subprocess.run(
       [sys.executable, '-c', _WITHOUT_TF, f'--config={REPO}/configs/digits_demo.py:none',
-       '--config.batch_size=8', '--num_classes=10', '--steps=2', '--json'],
+       '--config.batch_size=8', '--num_classes=10', '--steps=2', '--json', '--kernels=gelu=xla'],
       capture_output=True, text=True, cwd=REPO, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -31,3 +31,4 @@ def test_bench_json_keys_without_tensorflow():
   assert result['model'] == 'mini_deit' and result['method'] == 'none' and result['batch_size'] == 8
   assert result['compile_s'] > 0 and result['img_per_s'] > 0 and result['flops_per_step'] > 0
   assert result['compile_first_s'] is None  # only PAT's first step is a program of its own
+  assert result['kernels']['gelu'] == 'xla' and result['kernels']['depthwise_conv'] == 'shift'

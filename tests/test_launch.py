@@ -202,6 +202,8 @@ def test_device_check_dry_run_lists_every_benchmark(tmp_path):
                         env={**os.environ, 'BATCH': '128'})
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.strip().splitlines()
+  assert '-m pat_jax.kernels.bench' in lines[-1] and '--batch=128' in lines[-1]
+  lines = lines[:-1]
   assert all('-m pat_jax.bench' in l and '--json' in l for l in lines)
   assert all(f'--compilation_cache={tmp_path}/out/jax_cache' in l for l in lines)
   configs = [re.search(r'--config=(\S+)', l).group(1) for l in lines]
@@ -209,7 +211,9 @@ def test_device_check_dry_run_lists_every_benchmark(tmp_path):
                          'configs/cifar_convnext_deit.py:student']
   assert sum('--config.dtype=float32' in l for l in lines) == 1
   assert sum('--config.batch_size=256' in l for l in lines) == 1
-  assert '--breakdown' in lines[-1]
+  assert sum('--breakdown' in l for l in lines) == 1
+  assert sum('--kernels=' in l for l in lines) == 1
+  assert sum('--config.teacher.scan_blocks=True' in l for l in lines) == 1
   [fresh] = [l for l in lines if '--compile_overlap' in l]  # a fresh start, into its own cache
   assert fresh.endswith(f'--compilation_cache={tmp_path}/out/jax_cache_fresh ')
   assert sum(f'--profile_dir={tmp_path}/out/profile' in l for l in lines) == 1
