@@ -431,3 +431,104 @@ print(out.shape, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) /
   shape, grown_mb = proc.stdout.strip().rsplit(' ', 1)
   assert shape == '(224, 224, 3)'
   assert int(grown_mb) < 500, f'peak host memory grew by {grown_mb} MB'
+
+
+def _pillow_coefficients(in_size, out_size, pil_filter, support):
+  """libImaging/Resample.c precompute_coeffs + normalize_coeffs_8bpc, line by line in Python
+  doubles: (xmin per output, int coefficients (out, ksize))."""
+  scale = filterscale = in_size / out_size
+  filterscale = max(filterscale, 1.0)
+  support = support * filterscale
+  ksize = int(math.ceil(support)) * 2 + 1
+  xmins, kk = [], np.zeros((out_size, ksize), np.int64)
+  for xx in range(out_size):
+    center = (xx + 0.5) * scale
+    ss = 1.0 / filterscale
+    xmin = max(int(center - support + 0.5), 0)
+    xmax = min(int(center + support + 0.5), in_size) - xmin
+    k = [pil_filter((x + xmin - center + 0.5) * ss) for x in range(xmax)]
+    ww = 0.0
+    for w in k:  # in window order, as Pillow
+      ww += w
+    for x, w in enumerate(k):
+      w = w / ww if ww != 0.0 else w
+      kk[xx, x] = int(-0.5 + w * (1 << 22)) if w < 0 else int(0.5 + w * (1 << 22))
+    xmins.append(xmin)
+  return np.array(xmins), kk
+
+
+def _pillow_bilinear(x):
+  x = abs(x)
+  return 1.0 - x if x < 1.0 else 0.0
+
+
+def _pillow_bicubic(x):
+  x, a = abs(x), -0.5
+  if x < 1.0:
+    return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+  return (((x - 5) * x + 8) * x - 4) * a if x < 2.0 else 0.0
+
+
+def _dense(start, coeffs, count, in_size):
+  """`augment._pass_tables` blocks as a dense (count, in_size) matrix of Pillow's integers."""
+  start, coeffs = start.numpy(), np.round(coeffs.numpy() * (1 << 22)).astype(np.int64)
+  dense = np.zeros((coeffs.shape[0] * coeffs.shape[1], in_size + coeffs.shape[2]), np.int64)
+  for j in range(coeffs.shape[0]):
+    for b in range(coeffs.shape[1]):
+      dense[j * coeffs.shape[1] + b, start[j]:start[j] + coeffs.shape[2]] = coeffs[j, b]
+  assert not dense[count:].any() and not dense[:, in_size:].any()  # padding stays empty
+  return dense[:count, :in_size]
+
+
+@pytest.mark.parametrize('method,pil_filter,support', [('bilinear', _pillow_bilinear, 1.0),
+                                                       ('bicubic', _pillow_bicubic, 2.0)])
+def test_banded_coefficients_equal_pillows(method, pil_filter, support):
+  """The banded tables hold Pillow's bounds and 22-bit integers, upsampling and downsampling (up
+  to 2592 -> 224), window-order sums included; a slice of outputs (the eval centre crop) holds
+  the same rows."""
+  tables = tf.function(lambda i, o, first, count: augment._pass_tables(i, o, method, first, count),
+                       input_signature=[tf.TensorSpec([], tf.int32)] * 4)
+  sizes = [(i, o) for o in (1, 7, 40, 224) for i in range(1, 70, 3)]
+  sizes += [(i, o) for o in (224, 256) for i in (287, 331, 375, 500, 1944, 2592)]
+  for i, o in sizes:
+    ref_xmin, ref = _pillow_coefficients(i, o, pil_filter, support)
+    dense_ref = np.zeros((o, i + ref.shape[1]), np.int64)
+    for row, (xmin, k) in enumerate(zip(ref_xmin, ref)):
+      dense_ref[row, xmin:xmin + len(k)] = k
+    dense_ref = dense_ref[:, :i]
+    first, count = (o // 7, o - o // 3) if o > 3 else (0, o)
+    for first, count in ((0, o), (first, count)):
+      start, coeffs, _ = tables(i, o, first, count)
+      np.testing.assert_array_equal(_dense(start, coeffs, count, i),
+                                    dense_ref[first:first + count], err_msg=f'{i} -> {o}')
+
+
+def test_photo_sized_random_crops_match_pil():
+  """ImageNet-sized crops (many blocks per pass, spans clipped at the image border) to 224,
+  both filters, traced with unknown sizes as in the input pipeline."""
+  rng = np.random.default_rng(5)
+  img = np.asarray(Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8))
+                   .resize((500, 375), Image.BICUBIC))
+  img = np.clip(img.astype(int) + rng.integers(-30, 31, img.shape), 0, 255).astype(np.uint8)
+  for method, pil in (('bilinear', Image.BILINEAR), ('bicubic', Image.BICUBIC)):
+    traced = tf.function(lambda x, s, m=method: augment.resize(x, s, m),
+                         input_signature=[tf.TensorSpec([None, None, 3], tf.uint8),
+                                          tf.TensorSpec([2], tf.int32)])
+    for top, left, h, w in [(0, 0, 375, 500), (10, 37, 300, 400), (200, 300, 91, 123),
+                            (0, 120, 375, 151), (50, 0, 220, 500)]:
+      crop = img[top:top + h, left:left + w]
+      ref = np.asarray(Image.fromarray(crop).resize((224, 224), pil))
+      np.testing.assert_array_equal(traced(tf.constant(crop), tf.constant([224, 224])).numpy(),
+                                    ref, err_msg=f'{method} {top, left, h, w}')
+
+
+@pytest.mark.parametrize('h,w', [(375, 500), (500, 333), (256, 256)])
+def test_eval_resize_crop_of_photo_sizes_matches_pil(h, w):
+  """eval_resize_crop computes only the centre crop's pixels: same as Pillow's resize of the
+  shorter side to 256 followed by the 224 centre crop."""
+  img = np.random.default_rng(6).integers(0, 256, (h, w, 3), dtype=np.uint8)
+  nh, nw = (256, int(256 * w / h)) if h <= w else (int(256 * h / w), 256)
+  ref = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
+  top, left = int(round((nh - 224) / 2)), int(round((nw - 224) / 2))
+  out = augment.eval_resize_crop(tf.constant(img), 224, 0.875).numpy()
+  np.testing.assert_array_equal(out, ref[top:top + 224, left:left + 224])

@@ -75,6 +75,11 @@ def to_uint8(x):
 
 
 _PRECISION_BITS = 22  # Pillow Resample.c: 32 - 8 - 2 for 8-bit images
+_SUPPORT = {'bilinear': 1.0, 'bicubic': 2.0}
+# Output pixels per block of a banded pass (`_pass_tables`). On one CPU core, for 224-pixel outputs
+# from 32- to 500-pixel inputs, 8 measured about best among 4..16: larger blocks read longer
+# input spans per output when reducing, smaller ones make tinier, less efficient matmuls.
+_BLOCK = 8
 
 
 def _pil_filter(x, method):
@@ -88,60 +93,77 @@ def _pil_filter(x, method):
   return tf.where(x < 1.0, near, tf.where(x < 2.0, far, zero))
 
 
-def _pil_coefficients(in_size, out_size, method):
-  """Pillow precompute_coeffs + normalize_coeffs_8bpc as an (out, in) matrix of fixed-point
-  integers (held in float64, where these sums are exact)."""
-  support = {'bilinear': 1.0, 'bicubic': 2.0}[method]
+def _pass_tables(in_size, out_size, method, first=0, count=None):
+  """Pillow's resampling coefficients for one axis, in_size -> out_size, laid out for a banded
+  matmul: outputs [first, first + count) (all by default) in blocks of `_BLOCK`.
+
+  Pillow (libImaging/Resample.c, precompute_coeffs + normalize_coeffs_8bpc) gives output pixel o
+  the inputs [xmin, xmax) around center = (o + 0.5) * scale, weighted by the filter at
+  (x - center + 0.5) / filterscale (as a product with 1 / filterscale), normalised by their sum
+  and rounded half away from zero to 22-bit fixed point. Here the outputs of a block share one
+  input span [start, start + span), span <= (_BLOCK - 1) * scale + 1 + ksize (Pillow's ksize =
+  2 * ceil(support) + 1 bounds every window): each output's coefficients are computed at every
+  span position, 0 outside its window, so a pass is a batched (nb, _BLOCK, span) x (nb, span,
+  rest) matmul with about _BLOCK * scale + ksize multiply-adds per output value, not in_size as
+  for a dense (out, in) matrix. The weight sum runs along the span, i.e. in window order with
+  exact zeros around, as Pillow's sequential loop (cumsum is sequential; a tree reduction might
+  differ in the last bit and flip a rounding).
+
+  Each output's coefficients depend only on its index and the two sizes, so a slice of outputs
+  is the full resize followed by a crop, exactly. Padding outputs (up to a block multiple) get
+  zero coefficients and are sliced off by the pass.
+
+  Returns (start (nb,) int32, coefficients (nb, _BLOCK, span) float64, count). The coefficients
+  are Pillow's integers times 2**-22 (exact: a power of two): their products with uint8 pixels,
+  summed in any order, are Pillow's int32 accumulator over 2**22 exactly (every partial sum is a
+  multiple of 2**-22 below 2**10 in magnitude: 32 bits, inside float64's 53, not float32's 24).
+  """
+  if count is None:
+    count = out_size
   in_f = tf.cast(in_size, tf.float64)
   scale = in_f / tf.cast(out_size, tf.float64)
   filterscale = tf.maximum(scale, 1.0)
-  support = support * filterscale
-  center = (tf.range(out_size, dtype=tf.float64) + 0.5) * scale
-  xmin = tf.maximum(tf.floor(center - support + 0.5), tf.zeros_like(center))[:, None]
-  xmax = tf.minimum(tf.floor(center + support + 0.5), in_f)[:, None]
-  x = tf.range(in_size, dtype=tf.float64)[None, :]
-  inside = (x >= xmin) & (x < xmax)
-  w = _pil_filter((x - center[:, None] + 0.5) / filterscale, method)
-  w = tf.where(inside, w, tf.zeros_like(w))
-  total = tf.reduce_sum(w, axis=1, keepdims=True)
+  support = _SUPPORT[method] * filterscale
+  ksize = tf.cast(tf.math.ceil(support), tf.int32) * 2 + 1
+  nb = (count + _BLOCK - 1) // _BLOCK
+  index = tf.range(nb * _BLOCK)
+  valid = tf.reshape(index < count, [nb, _BLOCK, 1])
+  # Padding outputs repeat the last one, so that the block starts and spans stay as they were.
+  out = tf.cast(first + tf.minimum(index, count - 1), tf.float64)
+  center = tf.reshape((out + 0.5) * scale, [nb, _BLOCK, 1])
+  # Pillow truncates center -/+ support + 0.5 to int; floor is the same once clamped at 0.
+  xmin = tf.maximum(tf.floor(center - support + 0.5), 0.0)
+  xmax = tf.minimum(tf.floor(center + support + 0.5), in_f)
+  start = xmin[:, :1]  # xmin grows with the output index
+  # A nonzero coefficient at start + s < in_size has s < in_size: longer spans only add zeros.
+  span = tf.minimum(tf.cast(tf.reduce_max(xmin[:, -1] - xmin[:, 0]), tf.int32) + ksize,
+                    tf.cast(in_size, tf.int32))
+  x = start + tf.range(span, dtype=tf.float64)  # (nb, 1, span) input positions
+  w = _pil_filter((x - center + 0.5) * (1.0 / filterscale), method)
+  w = tf.where((x >= xmin) & (x < xmax) & valid, w, tf.zeros_like(w))
+  total = tf.cumsum(w, axis=2)[:, :, -1:]
   w = w / tf.where(total != 0.0, total, tf.ones_like(total))
   fixed = w * float(1 << _PRECISION_BITS)
-  return tf.where(fixed < 0, tf.math.ceil(fixed - 0.5), tf.floor(fixed + 0.5))
-
-
-def _round_pass(acc):
-  """Pillow's `clip((acc + 2**21) >> 22)` on accumulators already scaled by 2**-22, as float64:
-  floor(acc + 0.5) clipped to [0, 255] (acc is an exact multiple of 2**-22 here)."""
-  return tf.floor(tf.clip_by_value(acc + 0.5, 0.0, 255.0))
+  fixed = tf.where(fixed < 0, tf.math.ceil(fixed - 0.5), tf.floor(fixed + 0.5))
+  return (tf.cast(start[:, 0, 0], tf.int32), fixed * (1.0 / (1 << _PRECISION_BITS)), count)
 
 
 def _round_pass_uint8(acc):
-  """`_round_pass` straight to uint8: saturate_cast clips to [0, 255] and truncates, which is
+  """Pillow's `clip8((acc + 2**21) >> 22)` on accumulators already scaled by 2**-22:
+  floor(acc + 0.5) clipped to [0, 255]. saturate_cast clips to [0, 255] and truncates, which is
   floor there (and clip(floor(v)) == clip(trunc(v)) also for v < 0)."""
   return tf.saturate_cast(acc + 0.5, tf.uint8)
 
 
-def _scaled_coefficients(in_size, out_size, method):
-  """`_pil_coefficients` times 2**-22 (exact: a power of two), so that a product with uint8
-  pixels is Pillow's integer accumulator over 2**22, exactly, in any summation order (every
-  partial sum is a multiple of 2**-22 below 2**31 in magnitude: far inside float64's 53 bits)."""
-  return _pil_coefficients(in_size, out_size, method) * (1.0 / (1 << _PRECISION_BITS))
-
-
-def _vertical_pass(x, row_coeffs):
-  """(h, w, C) float64 times the scaled (out_h, h) matrix: (out_h, w, C) accumulators, as one
-  (out_h, h) x (h, w*C) matmul."""
-  h, w, c = tf.shape(x)[0], tf.shape(x)[1], x.shape[-1]
-  out = tf.matmul(row_coeffs, tf.reshape(x, [h, w * c]))
-  return tf.reshape(out, [tf.shape(row_coeffs)[0], w, c])
-
-
-def _horizontal_pass(x, col_coeffs):
-  """(h, w, C) float64 times the scaled (out_w, w) matrix: (h, out_w, C) accumulators, as one
-  (out_w, w) x (w, h*C) matmul over the columns-first image."""
-  h, w, c = tf.shape(x)[0], tf.shape(x)[1], x.shape[-1]
-  out = tf.matmul(col_coeffs, tf.reshape(tf.transpose(x, [1, 0, 2]), [w, h * c]))
-  return tf.transpose(tf.reshape(out, [tf.shape(col_coeffs)[0], h, c]), [1, 0, 2])
+def _band_pass(x, start, coeffs, out_size):
+  """Resamples axis 0 of a uint8 (n, m, C) image with `_pass_tables`: (out_size, m, C) uint8
+  values rounded as Pillow rounds each pass."""
+  n, m, c = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
+  rows = tf.minimum(start[:, None] + tf.range(tf.shape(coeffs)[2])[None, :], n - 1)
+  # Gather the spans as uint8 (8x less memory traffic), then widen them to float64.
+  spans = tf.cast(tf.gather(tf.reshape(x, [n, m * c]), rows), tf.float64)  # (nb, span, m*C)
+  acc = tf.reshape(tf.matmul(coeffs, spans), [-1, m, c])[:out_size]
+  return _round_pass_uint8(acc)
 
 
 def _vertical_first(in_h, in_w, out_h, out_w):
@@ -155,25 +177,37 @@ def _vertical_first(in_h, in_w, out_h, out_w):
   return (shrink_h > 0) & (shrink_h > 2 * (in_w - out_w))
 
 
-def _separable(image, col_coeffs, row_coeffs):
-  """Pillow's two passes on a uint8 (h, w, C) image with scaled (out_w, w) and (out_h, h)
-  coefficient matrices, in Pillow's order (`_vertical_first`), each rounded to uint8 values as
-  Pillow. Both are float64 matmuls of exact integers (times 2**-22), so the result is bit-exact.
-  Memory is the image, one intermediate and the small coefficient matrices: no (h, out_w, w)
-  broadcast (for a 2592x1944 photo that was 9 GB of float64)."""
-  x = tf.cast(image, tf.float64)
-  in_h, in_w = tf.shape(image)[0], tf.shape(image)[1]
-  out_h, out_w = tf.shape(row_coeffs)[0], tf.shape(col_coeffs)[0]
+def _separable(image, cols, rows, vertical_first):
+  """Pillow's two passes on a uint8 (h, w, C) image, `_pass_tables` for the columns and rows,
+  in Pillow's order (`vertical_first`, a bool tensor), each rounded to uint8 as Pillow.
+
+  Both passes run along axis 0 (`_band_pass`), the horizontal one between uint8 transposes
+  (about a quarter of the time at ImageNet sizes; a contraction over the middle axis would need
+  the same transposes inside einsum, on float64). Memory is the image, the gathered spans of one
+  pass (about the pass's input in float64) and small tables: no dense (out, in) matrix and no
+  (h, out_w, w) broadcast (for a 2592x1944 photo that was 9 GB of float64)."""
+  def transpose(x):
+    return tf.transpose(x, [1, 0, 2])
 
   def horizontal_first():
-    return _round_pass_uint8(_vertical_pass(_round_pass(_horizontal_pass(x, col_coeffs)),
-                                            row_coeffs))
+    return _band_pass(transpose(_band_pass(transpose(image), *cols)), *rows)
 
-  def vertical_first():
-    return _round_pass_uint8(_horizontal_pass(_round_pass(_vertical_pass(x, row_coeffs)),
-                                              col_coeffs))
+  def vertical_first_():
+    return transpose(_band_pass(transpose(_band_pass(image, *rows)), *cols))
 
-  return tf.cond(_vertical_first(in_h, in_w, out_h, out_w), vertical_first, horizontal_first)
+  return tf.cond(vertical_first, vertical_first_, horizontal_first)
+
+
+def _resize_crop(image, size_hw, method, top=0, left=0, crop_hw=None):
+  """Pillow resize of a uint8 (H, W, C) image to size_hw, then the crop [top, top + crop_h) x
+  [left, left + crop_w) of the result (the whole result by default), computing only the kept
+  pixels (see `_pass_tables`); the pass order is that of the full resize."""
+  shape = tf.shape(image)
+  crop_h, crop_w = (None, None) if crop_hw is None else crop_hw
+  out = _separable(image, _pass_tables(shape[1], size_hw[1], method, left, crop_w),
+                   _pass_tables(shape[0], size_hw[0], method, top, crop_h),
+                   _vertical_first(shape[0], shape[1], size_hw[0], size_hw[1]))
+  return tf.ensure_shape(out, [None, None, image.shape[-1]])
 
 
 def resize(image, size_hw, method):
@@ -181,14 +215,11 @@ def resize(image, size_hw, method):
 
   Same separable convolution as Pillow (triangle / a=-0.5 cubic kernels widened by the scale
   when reducing, renormalised at the border), same 22-bit fixed-point coefficients and rounding,
-  same pass order (`_vertical_first`), the first pass rounded to uint8 values. The passes are
-  small matmuls in float64, exact for these integer sums. (tf.image.resize differs by 1-2 levels
-  and is slower here.)
+  same pass order (`_vertical_first`), the first pass rounded to uint8 values. Each pass is a
+  banded float64 matmul (`_pass_tables`), exact for these integer sums. (tf.image.resize differs by
+  1-2 levels and is slower here.)
   """
-  shape = tf.shape(image)
-  out = _separable(image, _scaled_coefficients(shape[1], size_hw[1], method),
-                   _scaled_coefficients(shape[0], size_hw[0], method))
-  return tf.ensure_shape(out, [None, None, image.shape[-1]])
+  return _resize_crop(image, size_hw, method)
 
 
 METHODS = ('bilinear', 'bicubic')
@@ -198,10 +229,9 @@ class CropResizer:
   """Crop + Pillow resize (+ horizontal flip) of fixed-size (H, W, C) sources to (S, S), exact.
 
   Pillow's coefficients depend only on (crop size, output size, method), so for a source of
-  known size they are computed once here for every crop height 1..H and width 1..W (scaled by
-  2**-22, see `_scaled_coefficients`) and looked up per image, instead of being rebuilt from
-  ~30 small ops per image. A flip of the output reverses the output columns, which is the
-  column-coefficient matrix with its rows reversed: the flip costs nothing and is exact.
+  known size the pass tables (`_pass_tables`) are computed once here for every crop height 1..H
+  and width 1..W and looked up per image, instead of being rebuilt from ~40 small ops per image.
+  The flip reverses the output's columns (exact: Pillow's output, mirrored).
   """
 
   MAX_TABLE_BYTES = 64 << 20
@@ -211,30 +241,50 @@ class CropResizer:
     self.rows = self._tables(int(height))
     self.cols = self.rows if width == height else self._tables(int(width))
 
+  @classmethod
+  def _table_bytes(cls, n_max, size):
+    """Bound on a table's bytes: spans reach (_BLOCK - 1) * scale + 1 + ksize (`_pass_tables`)."""
+    scale = max(n_max / size, 1.0)
+    span = min(n_max, math.ceil((_BLOCK - 1) * scale) + 2 + 2 * math.ceil(2.0 * scale))
+    return 8 * len(METHODS) * (n_max + 1) * -(-size // _BLOCK) * _BLOCK * span
+
   def _tables(self, n_max):
+    """Per method and crop size n (index 0 unused): start (nb,), the span length, and the block
+    coefficients (nb, _BLOCK, span) zero-padded to the longest span."""
     with tf.device('/CPU:0'):
-      per_method = []
+      starts, spans, coeffs = [], [], []
       for method in METHODS:
-        sizes = [tf.zeros([self.size, n_max], tf.float64)]  # index 0 unused
-        for n in range(1, n_max + 1):
-          sizes.append(tf.pad(_scaled_coefficients(n, self.size, method), [[0, 0], [0, n_max - n]]))
-        per_method.append(tf.stack(sizes))
-      return tf.stack(per_method)  # (method, n, S, n_max)
+        build = tf.function(lambda n, m=method: _pass_tables(n, self.size, m)[:2],
+                            input_signature=[tf.TensorSpec([], tf.int32)], autograph=False)
+        tables = [build(tf.constant(n)) for n in range(1, n_max + 1)]
+        tables.insert(0, (tf.zeros_like(tables[0][0]), tf.zeros_like(tables[0][1][:, :, :1])))
+        starts.append(tf.stack([t[0] for t in tables]))
+        spans.append([int(t[1].shape[2]) for t in tables])
+        coeffs.append(tables)
+      longest = max(max(s) for s in spans)
+      coeffs = tf.stack([tf.stack([tf.pad(c, [[0, 0], [0, 0], [0, longest - c.shape[2]]])
+                                   for _, c in tables]) for tables in coeffs])
+      return tf.stack(starts), tf.constant(spans, tf.int32), coeffs
 
   @classmethod
   def fits(cls, height, width, size):
     """Whether tables for this source shape are small enough to precompute."""
     if height is None or width is None:
       return False
-    return 8 * 2 * size * ((height + 1) * height + (width + 1) * width) <= cls.MAX_TABLE_BYTES
+    return cls._table_bytes(height, size) + cls._table_bytes(width, size) <= cls.MAX_TABLE_BYTES
+
+  def _lookup(self, tables, method_index, n):
+    starts, spans, coeffs = tables
+    span = spans[method_index, n]
+    return starts[method_index, n], coeffs[method_index, n, :, :, :span], self.size
 
   def __call__(self, image, top, left, h, w, method_index, flip):
     """image: uint8 (H, W, C); crop [top, top + h) x [left, left + w); method_index 0 =
     bilinear, 1 = bicubic; flip: scalar bool. Returns uint8 (S, S, C)."""
-    cols = self.cols[method_index, w, :, :w]
-    cols = tf.where(flip, tf.reverse(cols, [0]), cols)
-    rows = self.rows[method_index, h, :, :h]
-    out = _separable(image[top:top + h, left:left + w], cols, rows)
+    out = _separable(image[top:top + h, left:left + w], self._lookup(self.cols, method_index, w),
+                     self._lookup(self.rows, method_index, h),
+                     _vertical_first(h, w, self.size, self.size))
+    out = tf.cond(flip, lambda: tf.reverse(out, [1]), lambda: out)
     return tf.ensure_shape(out, (self.size, self.size, image.shape[-1]))
 
 
@@ -242,8 +292,8 @@ def crop_resize_flip(image, key, flip_key, size, scale, ratio, interpolation, hf
                      random_crop=True, resizer=None):
   """`random_resized_crop` (or a plain resize) then `random_flip`, with the same draws.
 
-  With a `CropResizer` for the source's shape, the crop, resize and flip are one exact table
-  lookup and two matmuls; otherwise the per-image path below.
+  With a `CropResizer` for the source's shape, the crop, resize and flip are table lookups and
+  two banded matmuls; otherwise the per-image path below.
   interpolation: 'bilinear', 'bicubic' or 'random' (per image); hflip: flip probability.
   """
   k_box, k_interp = split(key, 2)
@@ -301,11 +351,12 @@ def eval_resize_crop(image, size, crop_pct, interpolation='bilinear'):
                            / tf.cast(w, tf.float64), tf.int32))
   new_w = tf.where(h <= w, tf.cast(tf.cast(scale_size, tf.float64) * tf.cast(w, tf.float64)
                                    / tf.cast(h, tf.float64), tf.int32), scale_size)
-  resized = resize(image, tf.stack([new_h, new_w]), interpolation)
   # torchvision CenterCrop: int(round((H - size) / 2)).
   top = tf.cast(tf.round(tf.cast(new_h - size, tf.float64) / 2.0), tf.int32)
   left = tf.cast(tf.round(tf.cast(new_w - size, tf.float64) / 2.0), tf.int32)
-  return tf.ensure_shape(resized[top:top + size, left:left + size], (size, size, 3))
+  # Resize and crop in one: only the kept output pixels are computed (exact, see _pass_tables).
+  out = _resize_crop(image, tf.stack([new_h, new_w]), interpolation, top, left, (size, size))
+  return tf.ensure_shape(out, (size, size, 3))
 
 
 def normalize(images_uint8, mean, std):
