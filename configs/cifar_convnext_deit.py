@@ -20,7 +20,7 @@ paper's numbers (supplementary Tables 2 and 3, main table):
 Runtime: 117,000 steps; not measured end to end. The train step at batch 128 in bf16 took
 0.057 s on one H200 (docs/BENCHMARKS.md), i.e. about 1.9 h of step time on one such GPU,
 input pipeline and evaluation not counted; on a 2-core CPU the batch-8 step is 2.0 s.
-Memory: batch 128 in bf16 needs 7.43 GB on that GPU (--config.dtype=bfloat16). With
+Memory: batch 128 in bf16 (dtype 'auto' is bf16 on GPU/TPU) needs 7.43 GB on that GPU. With
 --config.model.remat=True --config.teacher.remat=True as well: 6.0 GB by the compiled step's
 analysis on the CPU backend (15.1 GB there in float32 without remat).
 """
@@ -30,6 +30,7 @@ from pat_jax import data, experiments
 
 def get_config(arg=None):
   c = base_config.base('vit_mlp')
+  c.dtype = 'auto'  # bfloat16 on GPU/TPU (the original: fp16 AMP), float32 on CPU
   c.model.name = 'deit_tiny_patch16_224'
   c.dataset.eval_crop_pct = data.crop_pct_for(c.model.name)
   c.teacher.name = 'convnext_tiny'

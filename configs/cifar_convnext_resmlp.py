@@ -17,6 +17,7 @@ from pat_jax import data, experiments
 
 def get_config(arg=None):
   c = base_config.base('vit_mlp')
+  c.dtype = 'auto'  # bfloat16 on GPU/TPU (the original: fp16 AMP), float32 on CPU
   c.model.name = 'resmlp_12_224'
   c.dataset.eval_crop_pct = data.crop_pct_for(c.model.name)
   c.teacher.name = 'convnext_tiny'

@@ -19,6 +19,7 @@ from pat_jax import data, experiments
 
 def get_config(arg=None):
   c = base_config.base('cnn')
+  c.dtype = 'auto'  # bfloat16 on GPU/TPU (the original: fp16 AMP), float32 on CPU
   c.dataset.name = 'imagenet2012'
   c.dataset.eval_split = 'validation'
   c.dataset.mean, c.dataset.std = data.IMAGENET_MEAN, data.IMAGENET_STD

@@ -18,6 +18,7 @@ from pat_jax import data
 def get_config(arg=None):
   del arg
   c = base_config.base('vit_mlp')
+  c.dtype = 'auto'  # bfloat16 on GPU/TPU (the original: fp16 AMP), float32 on CPU
   c.model.name = 'deit_tiny_patch16_224'
   c.dataset.eval_crop_pct = data.crop_pct_for(c.model.name)
   return c

@@ -20,6 +20,7 @@ from pat_jax import data
 def get_config(arg=None):
   del arg
   c = base_config.base('vit_mlp')
+  c.dtype = 'auto'  # bfloat16 on GPU/TPU (the original: fp16 AMP), float32 on CPU
   c.model.name = 'convnext_tiny'
   c.dataset.eval_crop_pct = data.crop_pct_for(c.model.name)
   c.optim.update(dict(name='adamw', lr=5e-5, weight_decay=0.05, warmup_epochs=20, warmup_lr=5e-8,

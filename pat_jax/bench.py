@@ -134,7 +134,7 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False,
   mesh = sharding.make_mesh(config.get('num_devices', 0))
   teacher = teacher_vars = None
   if config.teacher.name:
-    overrides = train._model_overrides(config, config.teacher.name, jnp.dtype(config.dtype))  # pylint: disable=protected-access
+    overrides = train._model_overrides(config, config.teacher.name, train.compute_dtype(config))  # pylint: disable=protected-access
     teacher = models.create(config.teacher.name, num_classes=num_classes,
                             remat=config.teacher.get('remat', False), **overrides,
                             **train.teacher_scan_override(config, config.teacher.name))
@@ -183,7 +183,7 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False,
   n = mesh.devices.size
   result = {
       'impl': 'pat_jax', 'model': config.model.name, 'teacher': config.teacher.name,
-      'method': config.method.name, 'batch_size': b, 'image_size': s, 'dtype': config.dtype,
+      'method': config.method.name, 'batch_size': b, 'image_size': s, 'dtype': str(train.compute_dtype(config)),
       'remat': bool(config.model.remat or config.teacher.remat), 'compile_s': compile_s,
       'compile_first_s': compile_first_s, 'compile_overlap_s': compile_overlap_s,
       'peak_bytes': peak, 'flops_per_step': flops, 'kernels': kernels.resolved(),
@@ -237,7 +237,7 @@ def bench_torch(config, steps, num_classes):
     opt = torch.optim.AdamW(groups, lr=config.optim.lr)
   x = torch.randn(b, 3, s, s, device=dev)
   y = torch.softmax(torch.randn(b, num_classes, device=dev), -1)
-  amp = dev == 'cuda' and config.dtype == 'bfloat16'
+  amp = dev == 'cuda' and config.dtype in ('bfloat16', 'auto')
   scaler = torch.amp.GradScaler(enabled=amp)
 
   def step():

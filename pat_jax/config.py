@@ -70,6 +70,8 @@ def base(recipe: str = 'cnn') -> ml_collections.ConfigDict:
   c.skip_nonfinite_steps = 0
   c.debug_nan_at_step = 0  # tests of the above: the first loss term is NaN at this step (0: off)
   c.ema_decay = 0.9998
-  c.dtype = 'float32'  # compute dtype of student and teacher: 'float32' or 'bfloat16'
+  # Compute dtype of student and teacher: 'float32', 'bfloat16', or 'auto' (bfloat16 on GPU/TPU,
+  # float32 on CPU; the GPU/TPU configs use it: the original trained with fp16 AMP).
+  c.dtype = 'float32'
   c.num_devices = 0  # 0: all devices; N: the first N (single process)
   return c

@@ -53,6 +53,15 @@ def teacher_scan_override(config, name):
   return {'scan_blocks': bool(config.teacher.get('scan_blocks', False))}
 
 
+def compute_dtype(config):
+  """config.dtype as a jnp dtype; 'auto' is bfloat16 on GPU/TPU (the original trained with
+  fp16 AMP there) and float32 on CPU (where bfloat16 is slower)."""
+  name = config.get('dtype', 'float32')
+  if name == 'auto':
+    name = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+  return jnp.dtype(name)
+
+
 def _student_variables(params, batch_stats):
   v = {'params': params['student']}
   if batch_stats.get('student'):
@@ -77,7 +86,7 @@ class Trainer(NamedTuple):
 def make_trainer(config, mesh, num_classes, steps_per_epoch, teacher=None, teacher_vars=None):
   """Builds the pure, jitted pieces of training (shared by train_and_evaluate and bench)."""
   rep = sharding.replicated(mesh)
-  student_overrides = _model_overrides(config, config.model.name, jnp.dtype(config.dtype))
+  student_overrides = _model_overrides(config, config.model.name, compute_dtype(config))
   student_overrides['remat'] = config.model.get('remat', False)
   if config.model.get('drop_path_rate') is not None:
     student_overrides['drop_path_rate'] = config.model.drop_path_rate
@@ -202,8 +211,9 @@ def check_config(config, where='config'):
   if config.optim.get('schedule', 'cosine') not in optim.SCHEDULES:
     raise errors.ConfigError(f'Unknown {where}.optim.schedule {config.optim.schedule!r}: use one of '
                              f'{optim.SCHEDULES}.')
-  if config.get('dtype', 'float32') not in ('float32', 'bfloat16'):
-    raise errors.ConfigError(f"{where}.dtype={config.dtype!r}: use 'float32' or 'bfloat16'.")
+  if config.get('dtype', 'float32') not in ('float32', 'bfloat16', 'auto'):
+    raise errors.ConfigError(f"{where}.dtype={config.dtype!r}: use 'float32', 'bfloat16' or "
+                             "'auto' (bfloat16 on GPU/TPU, float32 on CPU).")
   if config.teacher.get('pretrain') is not None and not config.teacher.get('checkpoint'):
     check_config(config.teacher.pretrain, where=f'{where}.teacher.pretrain')
 
@@ -257,7 +267,7 @@ def load_teacher(config, num_classes, workdir, mesh):
         f'(e.g. the OFA-KD CIFAR-100 release file {tcfg.name}_cifar100.pth): python -m '
         f'pat_jax.convert --model {tcfg.name} --num-classes {num_classes} --input FILE --output DIR, '
         f'then set --config.teacher.checkpoint=DIR; or train one with configs/teacher_cifar_convnext.py.')
-  overrides = _model_overrides(config, tcfg.name, jnp.dtype(config.dtype))
+  overrides = _model_overrides(config, tcfg.name, compute_dtype(config))
   teacher = models.create(tcfg.name, num_classes=num_classes, remat=tcfg.get('remat', False),
                           **overrides, **teacher_scan_override(config, tcfg.name))
   shape_overrides = {k: v for k, v in overrides.items() if k != 'dtype'}

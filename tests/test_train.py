@@ -422,3 +422,17 @@ def test_processes_that_do_not_share_the_workdir_stop(tmp_path):
     assert p.wait(timeout=300) == 2, p.output()[-3000:]
   assert 'is not one folder for all 2 processes: process(es) [1]' in procs[0].output()
   assert 'Traceback' not in procs[0].output()
+
+
+def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators(monkeypatch):
+  """dtype='auto' (the GPU/TPU configs): bfloat16 where the original used fp16 AMP, float32 on
+  CPU; an unknown dtype is named with the choices."""
+  c = ml_collections.ConfigDict({'dtype': 'auto'})
+  assert train.compute_dtype(c) == jnp.float32
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert train.compute_dtype(c) == jnp.bfloat16
+  bad = _demo_config('none')
+  bad.dtype = 'float16'
+  with pytest.raises(train.errors.ConfigError, match="'auto'"):
+    train.check_config(bad)
+  assert _demo_config('none').dtype == 'float32'
