@@ -14,7 +14,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from pat_jax import checkpoint, errors, evaluate, sharding, train, xla_cpu
+from pat_jax import checkpoint, errors, evaluate, paths, sharding, train, xla_cpu
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
@@ -116,6 +116,7 @@ def main(argv):
     if not path:
       raise app.UsageError('--mode=eval needs --checkpoint or --workdir.')
     try:
+      paths.check_backend(path)  # a bucket without google-cloud-storage: say so before any work
       evaluate.print_result(evaluate.evaluate_checkpoint(FLAGS.config, path, ema=FLAGS.ema))
     except errors.UserError as e:
       logging.debug('The error in full:', exc_info=True)

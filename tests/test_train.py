@@ -313,6 +313,7 @@ def test_preempted_teacher_stops_the_run(data_dir, tmp_path, monkeypatch):
                                  'config.optim has: '),
     (['--config.model.name=resnet19'], "Unknown model 'resnet19'. Valid names: "),
     (['--config.method.name=fitnett'], "Unknown config.method.name 'fitnett'. Valid: "),
+    (['--mode=eval', '--checkpoint=s3://b/run'], 's3://b/run: pat_jax runs on local paths'),
 ])
 def test_user_error_is_one_paragraph_before_any_training(tmp_path, args, expected):
   """Bad input: exit status 2, the message without a traceback, and nothing trained first (the
