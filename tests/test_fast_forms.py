@@ -144,15 +144,19 @@ def test_aligner_resize_first_equals_last():
   _assert_close(got, want)
 
 
+def _assert_same_value_and_grads(loss, plain, fast, *args):
+  """loss(form, *args) and its gradients to every argument, in the plain and the fast form."""
+  argnums = tuple(range(len(args)))
+  with HIGHEST():
+    want, got = [jax.jit(jax.value_and_grad(functools.partial(loss, f), argnums=argnums))(*args)
+                 for f in (plain, fast)]
+  _assert_close(got, want)
+
+
 def test_taps_dot_gradient_rule_equals_autodiff():
   u, kernel = _rand(0, (3, 5, 5, 4)), _rand(1, (5, 5, 4, 6))
   loss = lambda f, u, w: jnp.sum(jnp.cos(f(u, w)) * jnp.arange(6.0))
-  with HIGHEST():
-    want = jax.jit(jax.value_and_grad(functools.partial(loss, kernels.taps_dot_xla),
-                                      argnums=(0, 1)))(u, kernel)
-    got = jax.jit(jax.value_and_grad(functools.partial(loss, kernels.taps_dot_rule),
-                                     argnums=(0, 1)))(u, kernel)
-  _assert_close(got, want)
+  _assert_same_value_and_grads(loss, kernels.taps_dot_xla, kernels.taps_dot_rule, u, kernel)
 
 
 @pytest.mark.parametrize('shape,k,p', [((2, 9, 9, 4), 7, 3), ((2, 6, 5, 3), 5, 2), ((1, 4, 4, 2), 3, 1)])
@@ -160,12 +164,7 @@ def test_shifted_depthwise_gradients_equal_xla_convolution(shape, k, p):
   x = _rand(0, shape)
   kernel = _rand(1, (k, k, 1, shape[-1]))
   loss = lambda f, x, w: jnp.sum(jnp.cos(f(x, w, p)) * x)
-  with HIGHEST():
-    want = jax.jit(jax.value_and_grad(functools.partial(loss, kernels.xla_depthwise),
-                                      argnums=(0, 1)))(x, kernel)
-    got = jax.jit(jax.value_and_grad(functools.partial(loss, kernels.shifted_depthwise),
-                                     argnums=(0, 1)))(x, kernel)
-  _assert_close(got, want)
+  _assert_same_value_and_grads(loss, kernels.xla_depthwise, kernels.shifted_depthwise, x, kernel)
 
 
 @pytest.mark.parametrize('x_shape,k,stride,groups,features', [
