@@ -129,15 +129,12 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False,
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from pat_jax import kernels, models, sharding, train  # pylint: disable=g-import-not-at-top
+  from pat_jax import kernels, sharding, train  # pylint: disable=g-import-not-at-top
 
   mesh = sharding.make_mesh(config.get('num_devices', 0))
   teacher = teacher_vars = None
   if config.teacher.name:
-    overrides = train._model_overrides(config, config.teacher.name, train.compute_dtype(config))  # pylint: disable=protected-access
-    teacher = models.create(config.teacher.name, num_classes=num_classes,
-                            remat=config.teacher.get('remat', False), **overrides,
-                            **train.teacher_scan_override(config, config.teacher.name))
+    teacher = train.create_teacher(config, num_classes)
     size = config.dataset.image_size
     teacher_vars = jax.jit(lambda r: teacher.init(r, jnp.zeros((1, size, size, 3))),
                            out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(1))

@@ -46,11 +46,15 @@ def _model_overrides(config, name, dtype):
   return overrides
 
 
-def teacher_scan_override(config, name):
-  """teacher.scan_blocks for teachers that can run their blocks as one loop (ConvNeXt)."""
-  if 'scan_blocks' not in models.spec(name).module.__dataclass_fields__:
-    return {}
-  return {'scan_blocks': bool(config.teacher.get('scan_blocks', False))}
+def create_teacher(config, num_classes):
+  """The teacher module as config.teacher asks: dtype, img_size, remat and, for teachers that
+  can run their blocks as one loop (ConvNeXt), scan_blocks. Shared by training and the bench."""
+  tcfg = config.teacher
+  overrides = _model_overrides(config, tcfg.name, compute_dtype(config))
+  if 'scan_blocks' in models.spec(tcfg.name).module.__dataclass_fields__:
+    overrides['scan_blocks'] = bool(tcfg.get('scan_blocks', False))
+  return models.create(tcfg.name, num_classes=num_classes, remat=tcfg.get('remat', False),
+                       **overrides)
 
 
 def compute_dtype(config):
@@ -267,10 +271,9 @@ def load_teacher(config, num_classes, workdir, mesh):
         f'(e.g. the OFA-KD CIFAR-100 release file {tcfg.name}_cifar100.pth): python -m '
         f'pat_jax.convert --model {tcfg.name} --num-classes {num_classes} --input FILE --output DIR, '
         f'then set --config.teacher.checkpoint=DIR; or train one with configs/teacher_cifar_convnext.py.')
-  overrides = _model_overrides(config, tcfg.name, compute_dtype(config))
-  teacher = models.create(tcfg.name, num_classes=num_classes, remat=tcfg.get('remat', False),
-                          **overrides, **teacher_scan_override(config, tcfg.name))
-  shape_overrides = {k: v for k, v in overrides.items() if k != 'dtype'}
+  teacher = create_teacher(config, num_classes)
+  shape_overrides = {k: v for k, v in _model_overrides(config, tcfg.name, jnp.float32).items()
+                     if k != 'dtype'}
   variables = weights.load(path, tcfg.name, num_classes, sharding.replicated(mesh), **shape_overrides)
 
   if tcfg.get('min_top1', 0) > 0:

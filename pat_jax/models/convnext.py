@@ -57,8 +57,8 @@ class Stage(nn.Module):
 
   def _scanned_blocks(self, x):
     """The stage's blocks as one loop over their stacked weights: XLA compiles one block
-    instead of `depth` copies (a frozen teacher runs in eval mode, twice per PAT step, and its
-    9-block stage dominated the compiled program). Same parameters (`blocks_<b>`, stacked
+    instead of `depth` copies (a frozen teacher runs in eval mode, twice per PAT step: the
+    paper pair's program is 31% smaller, docs/BENCHMARKS.md). Same parameters (`blocks_<b>`, stacked
     here on the fly, so checkpoints and timm conversion are unchanged) and the same function;
     eval mode only, where no block draws randomness (drop path). With remat, each iteration's
     activations are recomputed in the backward pass."""
