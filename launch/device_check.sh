@@ -8,8 +8,8 @@
 # 1. Step benchmark: PAT, KD and the student alone, bf16 at batch BATCH (128), each program
 #    compiled cold into an empty persistent cache; then PAT again from that cache (the
 #    restart compile time); PAT in fp32; PAT at 2x and 4x the batch while it fits (the
-#    largest that fits).
-#    A fresh start's wait: both PAT programs (first step, steady) compiled at once, cold.
+#    largest that fits). The first PAT line's compile_s is a fresh start's wait (one program:
+#    the first step is the same program as the rest).
 # 2. Where the time goes: a jax.profiler trace of 5 PAT steps (OUT/profile, for TensorBoard or
 #    xprof) and PAT's step split into its parts (`--breakdown`).
 # 3. Fast forms (pat_jax/kernels): each op's forms timed alone (OUT/kernels.jsonl), PAT with the
@@ -31,7 +31,7 @@ cd "$(dirname "$0")/.."
 mkdir -p "$OUT_DIR"
 JSONL=$OUT_DIR/device_check.jsonl
 CACHE=$OUT_DIR/jax_cache
-[ "$DRY" = 1 ] || { : > "$JSONL"; rm -rf "$CACHE" "$OUT_DIR/jax_cache_fresh" "$OUT_DIR/profile"; }
+[ "$DRY" = 1 ] || { : > "$JSONL"; rm -rf "$CACHE" "$OUT_DIR/profile"; }
 
 bench() {  # bench LABEL CONFIG_ARG [bench flags...]: one JSON line, labelled, into $JSONL
   local label=$1 arg=$2; shift 2
@@ -54,9 +54,6 @@ bench pat_bf16 "" "$B" --config.dtype=bfloat16
 bench kd_bf16 ":kd" "$B" --config.dtype=bfloat16
 bench student_bf16 ":${STUDENT_ARG:-student}" "$B" --config.dtype=bfloat16
 bench pat_bf16_cached "" "$B" --config.dtype=bfloat16   # the same programs: a restart's compile
-# A fresh run's wait: both PAT programs compiled at once (train.StepPrograms), into an empty cache.
-bench pat_bf16_fresh_start "" "$B" --config.dtype=bfloat16 --compile_only --compile_overlap \
-  "--compilation_cache=$OUT_DIR/jax_cache_fresh"
 bench pat_bf16_profiled "" "$B" --config.dtype=bfloat16 --steps=5 "--profile_dir=$OUT_DIR/profile"
 bench pat_fp32 "" "$B" --config.dtype=float32
 for m in 2 4; do  # the largest batch that fits: stop at the first that does not
@@ -78,7 +75,7 @@ if [ "$DRY" = 1 ]; then printf '%q ' "${KCMD[@]}"; echo; exit 0; fi
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 head = ['run', 'device', 'batch', 'dtype', 's/step (min-max)', 'img/s', 'MFU', 'compile s',
-        'first-step compile s', 'both at once s', 'peak GB']
+        'peak GB']
 out = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
 for r in rows:
   if 'error' in r:
@@ -90,8 +87,7 @@ for r in rows:
   step = (f"{r['step_time_s']:.4f} ({r['step_time_min_s']:.4f}-{r['step_time_max_s']:.4f})"
           if 'step_time_s' in r else '(compile only)')
   out.append(f"| {r['label']} | {r['device']} | {r['batch_size']} | {r['dtype']} | {step} | "
-             f"{num('img_per_s', '{:,.0f}')} | {mfu} | {num('compile_s')} | "
-             f"{num('compile_first_s')} | {num('compile_overlap_s')} | {peak} |")
+             f"{num('img_per_s', '{:,.0f}')} | {mfu} | {num('compile_s')} | {peak} |")
 parts = [r for r in rows if r.get('label') == 'pat_bf16_breakdown' and 'error' not in r]
 if parts:
   extra = {k: v for k, v in parts[0].items() if k.endswith('_s') and k not in (

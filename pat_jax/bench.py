@@ -6,13 +6,11 @@
 
 Student and teacher are randomly initialised (compute does not depend on the values), so no
 dataset or checkpoint is needed. Prints one JSON line with img_per_s, step_time_s
-(median), compile_s (the steady-state program), compile_first_s (a fresh PAT run's first
-step, a program of its own; None for methods without one), compile_overlap_s (with
---compile_overlap: both compiled at once in two threads, as a fresh run does), peak_bytes
-(per device, from the compiled step's memory analysis),
+(median), compile_s (the train step's one program: a fresh run's first step, without PAT's
+feedback yet, and every later step), peak_bytes (per device, from the compiled step's memory
+analysis),
 mfu (when the device's peak FLOP/s is known) and device.
 """
-import concurrent.futures
 import json
 import os
 import statistics
@@ -31,10 +29,6 @@ flags.DEFINE_bool('json', False, 'Print only the JSON line.')
 flags.DEFINE_bool('torch', False, 'Time the same step in timm + PyTorch instead (method none/kd).')
 flags.DEFINE_bool('compile_only', False, 'Compile and report memory/FLOPs without running the step.')
 flags.DEFINE_bool('breakdown', False, 'PAT: also time the parts of the step separately.')
-flags.DEFINE_bool('compile_overlap', False,
-                  'PAT: compile the first-step and steady programs at once, in two threads, as '
-                  'a fresh training run does (train.StepPrograms); compile_overlap_s is the wall '
-                  'time of both, compile_s and compile_first_s each thread\'s own.')
 flags.DEFINE_string('kernels', '', 'Forms of the fast ops (pat_jax/kernels), as PAT_JAX_KERNELS: '
                     "'plain', or 'op=form,...'; '': the backend's table.")
 flags.DEFINE_string('profile_dir', '', 'Write a jax.profiler trace of the timed steps there '
@@ -118,14 +112,7 @@ def pat_breakdown(trainer, state, batch, teacher_vars, steps):
   }
 
 
-def _timed_compile(train_step, args, first):
-  t0 = time.perf_counter()
-  compiled = train_step.lower(*args, first=first).compile()
-  return compiled, time.perf_counter() - t0
-
-
-def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False,
-              compile_overlap=False, profile_dir=''):
+def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False, profile_dir=''):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -147,19 +134,11 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False,
   batch = sharding.global_batch({'image': rng.standard_normal((b, s, s, 3), dtype=np.float32),
                                  'label': labels}, mesh)
 
-  # A fresh PAT run also compiles its first step (no feedback yet), a second program: timed
-  # one after the other, or (--compile_overlap) in two threads as train.StepPrograms does.
-  args, compile_first_s, compile_overlap_s = (state, batch, teacher_vars), None, None
-  if trainer.method.first_step_differs() and compile_overlap:
-    t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-      jobs = [pool.submit(_timed_compile, trainer.train_step, args, f) for f in (False, True)]
-      (compiled, compile_s), (_, compile_first_s) = [job.result() for job in jobs]
-    compile_overlap_s = time.perf_counter() - t0
-  else:
-    compiled, compile_s = _timed_compile(trainer.train_step, args, False)
-    if trainer.method.first_step_differs():
-      _, compile_first_s = _timed_compile(trainer.train_step, args, True)
+  # One program for every step, a fresh run's first one included (see train.make_trainer).
+  args = (state, batch, teacher_vars)
+  t0 = time.perf_counter()
+  compiled = trainer.train_step.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   peak = None
   if mem is not None:
@@ -182,7 +161,6 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False,
       'impl': 'pat_jax', 'model': config.model.name, 'teacher': config.teacher.name,
       'method': config.method.name, 'batch_size': b, 'image_size': s, 'dtype': str(train.compute_dtype(config)),
       'remat': bool(config.model.remat or config.teacher.remat), 'compile_s': compile_s,
-      'compile_first_s': compile_first_s, 'compile_overlap_s': compile_overlap_s,
       'peak_bytes': peak, 'flops_per_step': flops, 'kernels': kernels.resolved(),
       'device': f'{n} x {device.device_kind} ({device.platform})'}
   if compile_only:
@@ -292,7 +270,7 @@ def main(argv):
     result = bench_torch(FLAGS.config, FLAGS.steps, FLAGS.num_classes)
   else:
     result = bench_jax(FLAGS.config, FLAGS.steps, FLAGS.num_classes, FLAGS.compile_only,
-                       FLAGS.breakdown, FLAGS.compile_overlap, FLAGS.profile_dir)
+                       FLAGS.breakdown, FLAGS.profile_dir)
   if FLAGS.json:
     print(json.dumps(result), flush=True)
   else:

@@ -6,7 +6,6 @@ or resumed) -> compiled steps -> loop (train, log, evaluate, checkpoint, preempt
 randomness is fold_in(seed, step); the data position is the step. A run killed at any
 point resumes from its workdir and ends with the same parameters as an uninterrupted run.
 """
-import concurrent.futures
 import json
 import os
 import signal
@@ -84,7 +83,7 @@ class Trainer(NamedTuple):
   abstract: Any       # TrainState of ShapeDtypeStructs
   shardings: Any      # TrainState of NamedShardings
   init: Any           # rng -> TrainState, created sharded
-  train_step: Any     # (state, batch, teacher_vars, first=False) -> (state, metrics); donates state
+  train_step: Any     # (state, batch, teacher_vars) -> (state, metrics); donates state
 
 
 def make_trainer(config, mesh, num_classes, steps_per_epoch, teacher=None, teacher_vars=None):
@@ -118,12 +117,15 @@ def make_trainer(config, mesh, num_classes, steps_per_epoch, teacher=None, teach
   skip_nonfinite = config.get('skip_nonfinite_steps', 0) > 0
   nan_at_step = config.get('debug_nan_at_step', 0)
 
-  def train_step(state, batch, teacher_vars, first=False):
+  def train_step(state, batch, teacher_vars):
     if batch['image'].dtype == jnp.uint8:  # dataset.transfer='uint8': a trace-time branch
       # Mixing, normalisation and erasing on the device, with the host's draws (on_device.py).
       batch = data.on_device.prepare(batch, config.dataset.mean, config.dataset.std,
                                      groups=jax.process_count())
     rng = jax.random.fold_in(state.rng, state.step)
+    # A fresh run's first step has no carried state yet (PAT's feedback). Traced, so that it
+    # and every later step are one compiled program (a resumed run never has step 0).
+    first = state.step == 0
 
     def loss_fn(params):
       out = method(params, state.batch_stats, state.method_state, teacher_vars, batch, rng, first)
@@ -150,49 +152,8 @@ def make_trainer(config, mesh, num_classes, steps_per_epoch, teacher=None, teach
       new_state = kept.replace(step=new_state.step)
     return new_state, step_metrics
 
-  # `first` (static): the run's very first step, a program of its own (see StepPrograms).
-  train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=(shardings, rep),
-                       static_argnames=('first',))
+  train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=(shardings, rep))
   return Trainer(student, method, tx, lr_fn, abstract, shardings, init, train_step)
-
-
-class StepPrograms:
-  """The compiled train step(s) of one start of a run: `programs(state, batch, tv, step)`.
-
-  A fresh run of a method whose first step differs (PAT: no feedback yet) needs two programs.
-  Compiled one after the other, a start waits for two compiles. Here the steady program is
-  lowered and compiled in a background thread while the first one compiles and runs (XLA
-  compiles outside the GIL), so the wait is about the longer of the two; later steps call the
-  compiled executable directly. `overlap` (None: on accelerators only) turns that off: on the
-  2-core CPU VM, where XLA's compiler already uses both cores, two compiles at once took longer
-  than one after the other (docs/BENCHMARKS.md). A resumed run, or a method without a first
-  step of its own, uses the jitted step as it is: one program, from the persistent cache on a
-  restart.
-  """
-
-  def __init__(self, train_step, method, state, batch, teacher_vars, fresh, overlap=None):
-    self._train_step = train_step
-    self._has_first = bool(fresh) and method.first_step_differs()
-    self._future, self._steady = None, None
-    if overlap is None:
-      overlap = jax.default_backend() != 'cpu'
-    if self._has_first and overlap:
-      spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # pylint: disable=unnecessary-lambda-assignment
-      avals = jax.tree_util.tree_map(spec, (state, batch, teacher_vars))
-      pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile-steady')
-      self._future = pool.submit(lambda: train_step.lower(*avals).compile())
-      pool.shutdown(wait=False)
-
-  def __call__(self, state, batch, teacher_vars, step):
-    if not self._has_first:
-      return self._train_step(state, batch, teacher_vars)
-    if step == 1:
-      return self._train_step(state, batch, teacher_vars, first=True)
-    if self._future is None:
-      return self._train_step(state, batch, teacher_vars)
-    if self._steady is None:
-      self._steady = self._future.result()  # re-raises a failed compile here
-    return self._steady(state, batch, teacher_vars)
 
 
 # ----------------------------------------------------------------------------
@@ -457,14 +418,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       unchecked = None
 
   failed = False
-  programs = None  # StepPrograms, made at the first batch
   try:
     for step in range(start_step + 1, total_steps + 1):
       batch = sharding.global_batch(next(train_iter), mesh)
-      if programs is None:
-        programs = StepPrograms(train_step, trainer.method, state, batch, teacher_vars,
-                                fresh=(step == 1))
-      state, step_metrics = programs(state, batch, teacher_vars, step)
+      state, step_metrics = train_step(state, batch, teacher_vars)
       check_unchecked()  # the previous step's, while this one runs
       unchecked = (step, step_metrics)
 

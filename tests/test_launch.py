@@ -214,7 +214,5 @@ def test_device_check_dry_run_lists_every_benchmark(tmp_path):
   assert sum('--breakdown' in l for l in lines) == 1
   assert sum('--kernels=' in l for l in lines) == 1
   assert sum('--config.teacher.scan_blocks=True' in l for l in lines) == 1
-  [fresh] = [l for l in lines if '--compile_overlap' in l]  # a fresh start, into its own cache
-  assert fresh.endswith(f'--compilation_cache={tmp_path}/out/jax_cache_fresh ')
   assert sum(f'--profile_dir={tmp_path}/out/profile' in l for l in lines) == 1
   assert not os.path.exists(tmp_path / 'out' / 'device_check.jsonl')  # nothing ran

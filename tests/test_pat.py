@@ -20,21 +20,30 @@ def _config(**method):
   return c
 
 
-def _run(config, n_devices, steps=2):
+def _trainer(config, n_devices):
   teacher = models.create(config.teacher.name, num_classes=10)
   mesh = sharding.make_mesh(n_devices)
   tv = jax.jit(teacher.init, out_shardings=sharding.replicated(mesh))(
       jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))
   trainer = train.make_trainer(config, mesh, 10, steps_per_epoch=10, teacher=teacher, teacher_vars=tv)
+  return trainer, tv, mesh
+
+
+def _batch(rng):
+  return {'image': rng.standard_normal((8, 32, 32, 3), dtype=np.float32),
+          'label': np.eye(10, dtype=np.float32)[rng.integers(0, 10, 8)]}
+
+
+def _run(config, n_devices, steps=2):
+  trainer, tv, mesh = _trainer(config, n_devices)
   state = trainer.init(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   out = []
-  for step in range(steps):
-    batch = sharding.global_batch({
-        'image': rng.standard_normal((8, 32, 32, 3), dtype=np.float32),
-        'label': np.eye(10, dtype=np.float32)[rng.integers(0, 10, 8)]}, mesh)
-    state, m = trainer.train_step(state, batch, tv, first=(step == 0))
+  for _ in range(steps):
+    state, m = trainer.train_step(state, sharding.global_batch(_batch(rng), mesh), tv)
     out.append(jax.device_get(m))
+  # The first step (step 0, no feedback yet) and the rest are one compiled program.
+  assert trainer.train_step._cache_size() == 1  # pylint: disable=protected-access
   return out, state
 
 
@@ -64,6 +73,53 @@ def test_first_step_has_no_feedback_then_feedback_is_carried(one_device_run):
   aligned, target = state.method_state['student'], state.method_state['teacher']
   assert set(aligned) == {0, 1, 2, 3}
   assert all(float(jnp.abs(aligned[s] - target[s]).max()) > 0 for s in aligned)
+
+
+@pytest.mark.parametrize('se_mode,firsts', [('gate', (True, False)), ('scale', (True,))])
+def test_first_step_in_the_one_program_equals_the_step_without_feedback(se_mode, firsts):
+  """The train step passes `first` traced (step == 0): the prompts compute their fusion branch
+  and select the output without it (se_mode='gate': the prompt branch on both inputs, whose
+  shapes differ; 'scale': one prompt branch on the selected input). Loss terms, gradients,
+  BatchNorm statistics and the new feedback equal those of the feedback-free step (first=True,
+  traced as such), with non-zero carried feedback that would show the wrong branch; and
+  first=False those of a later step."""
+  trainer, tv, _ = _trainer(_config(se_mode=se_mode), 1)
+  state = trainer.init(jax.random.PRNGKey(0))
+  rng = np.random.default_rng(1)
+  carried = jax.tree_util.tree_map(
+      lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), state.method_state)
+  batch = _batch(rng)
+
+  def step(params, first):
+    out = trainer.method(params, state.batch_stats, carried, tv, batch, jax.random.PRNGKey(3),
+                         first)
+    return sum(out.terms.values()), out
+
+  def grad(params, first):
+    return jax.value_and_grad(step, has_aux=True)(params, first)
+
+  with jax.default_matmul_precision('highest'):
+    results = {(first, traced): (jax.jit(grad, static_argnums=1)(state.params, first) if not traced
+                                 else jax.jit(grad)(state.params, jnp.asarray(first)))
+               for first in firsts for traced in (False, True)}
+  for first in firsts:
+    want, got = results[(first, False)], results[(first, True)]
+    jax.tree_util.tree_map_with_path(
+        lambda path, a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6,
+                                                      err_msg=jax.tree_util.keystr(path)),
+        want, got)
+  if se_mode != 'gate':
+    return
+  # The feedback did matter: the prompts' beta gradient and the fb_aligner statistics differ.
+  (_, first_out), first_grads = results[(True, True)]
+  (_, later_out), later_grads = results[(False, True)]
+  beta = lambda g: g['method']['prompt_blocks_3']['beta']  # pylint: disable=unnecessary-lambda-assignment
+  assert float(jnp.abs(beta(first_grads) - beta(later_grads)).max()) > 1e-6
+  stats = lambda o: o.batch_stats['method']['prompt_blocks_3']['fb_aligner']  # pylint: disable=unnecessary-lambda-assignment
+  assert jax.tree_util.tree_leaves(stats(first_out)) and any(
+      float(jnp.abs(a - b).max()) > 0
+      for a, b in zip(jax.tree_util.tree_leaves(stats(first_out)),
+                      jax.tree_util.tree_leaves(stats(later_out))))
 
 
 @pytest.mark.parametrize('ablation', [dict(raa=False, afp_stages=(1, 2)), dict(afp_stages=())])

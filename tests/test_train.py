@@ -4,7 +4,6 @@ Device-count independence, exact resume of a PAT run after SIGTERM (bit for bit 
 is test_faults.py's), --mode=eval against the logged accuracy, two processes against one, teacher
 and config errors.
 """
-import functools
 import importlib.util
 import json
 import os
@@ -218,54 +217,6 @@ def test_killed_pat_run_resumes_to_the_same_parameters(data_dir, teacher_dir, pa
   assert 'Resumed from' in out
   for item in ('variables', 'ema'):
     _assert_trees_equal(_final(pat_reference, item), _final(wd, item))
-
-
-def test_step_programs_compile_the_steady_step_beside_the_first():
-  """A fresh run of a method with a first step of its own (PAT) compiles the steady program in
-  the background while the first step runs; the results are those of the jitted step called
-  with first=(step == 1). (PAT itself: the resumed-run test compares a fresh run, which takes
-  this path, with a resumed one, which does not, bit for bit.)"""
-
-  class Method:
-    def __init__(self, differs):
-      self.differs = differs
-
-    def first_step_differs(self):
-      return self.differs
-
-  @functools.partial(jax.jit, static_argnames=('first',), donate_argnums=(0,))
-  def step(state, batch, teacher_vars, first=False):
-    return state * (3.0 if first else 2.0) + batch + teacher_vars, {'first': jnp.asarray(first)}
-
-  batches = [jnp.full((4,), float(i)) for i in range(1, 4)]
-  tv = jnp.ones((4,))
-
-  def run(programs_of):
-    state, firsts = jnp.ones((4,)), []
-    programs = programs_of(state)
-    for i, batch in enumerate(batches, 1):
-      state, m = programs(state, batch, tv, i) if programs else step(state, batch, tv, first=i == 1)
-      firsts.append(bool(m['first']))
-    return np.asarray(state), firsts, programs
-
-  expected, firsts, _ = run(lambda state: None)
-  assert firsts == [True, False, False]
-  got, firsts, programs = run(
-      lambda state: train.StepPrograms(step, Method(True), state, batches[0], tv, fresh=True,
-                                       overlap=True))
-  np.testing.assert_array_equal(got, expected)
-  assert firsts == [True, False, False]
-  assert programs._future is not None and programs._steady is not None  # pylint: disable=protected-access
-  # No first step of its own, or a resumed run: the jitted step alone, never with first=True.
-  for method, fresh in ((Method(False), True), (Method(True), False)):
-    _, firsts, programs = run(lambda state, m=method, f=fresh: train.StepPrograms(
-        step, m, state, batches[0], tv, fresh=f, overlap=True))
-    assert firsts == [False] * 3 and programs._future is None  # pylint: disable=protected-access
-  # On CPU (the default there) the two programs compile one after the other.
-  got, firsts, programs = run(
-      lambda state: train.StepPrograms(step, Method(True), state, batches[0], tv, fresh=True))
-  np.testing.assert_array_equal(got, expected)
-  assert firsts == [True, False, False] and programs._future is None  # pylint: disable=protected-access
 
 
 def test_missing_teacher_says_how_to_get_one(data_dir, tmp_path):

@@ -14,8 +14,9 @@ case's `meta` has been checked against that config (an entry the test does not k
 failure, not a silent pass). Its TrainState is set to the recorded initial state (the torch
 distiller's state_dict keys mapped by `convert.timm_to_flat`, every leaf accounted for), the
 teacher is loaded with `convert.from_timm`, and the recorded batches (already augmented and
-normalised; NCHW -> NHWC) are fed with pat_jax's own smoothed one-hot targets, `first=True`
-on step 1, in float32 at 'highest' matmul precision. Then, with the tolerances stored in the
+normalised; NCHW -> NHWC) are fed with pat_jax's own smoothed one-hot targets (step 1 from
+state step 0: the first step, without feedback, in the one step program), in float32 at
+'highest' matmul precision. Then, with the tolerances stored in the
 case's meta (format and rule: the folder's README.md):
   * every step's loss terms, gradient norm and learning rate;
   * every tensor after K steps: r = max|got - want| / max|want| per tensor, over the
@@ -36,7 +37,6 @@ import json
 import math
 import os
 import re
-import threading
 import time
 
 import jax
@@ -234,7 +234,7 @@ RECIPE_CHECKS = {
     'teacher': lambda c, r, v: None,
     'images': _check_images,
     'first_step': lambda c, r, v: _require('without feedback' in v, f'recipe first_step {v!r}: the '
-                                           'replay runs step 1 with first=True (no feedback).'),
+                                           'replay runs step 1 from step 0, without feedback.'),
 }
 
 
@@ -356,24 +356,6 @@ def _initial_state(trainer, flat, seed):
              f'TrainState leaf {jax.tree_util.keystr(where)}: {np.shape(a)} {jnp.result_type(a)} '
              f'vs the trainer\'s {b.shape} {b.dtype}.')
   return jax.device_put(state, trainer.shardings)
-
-
-def _precompile(train_step, state, batch, teacher_vars):
-  """Compiles the step's two variants (first=True / False) at the same time.
-
-  Why: the two XLA compiles of the PAT step are nearly all of this test's time, and XLA
-  compiles without the GIL, so on two cores they overlap (the second is traced while the first
-  compiles). `lower(...).compile()` of the jitted `train_step` fills the same cache its calls
-  use: the replay below still calls `train_step` itself and compiles nothing more. A compile
-  that fails here fails again, with its error, at that call.
-  """
-  threads = []
-  for first in (True, False):
-    lowered = train_step.lower(state, batch, teacher_vars, first=first)
-    threads.append(threading.Thread(target=lowered.compile, daemon=True))
-    threads[-1].start()
-  for t in threads:
-    t.join()
 
 
 # ---------------------------------------------------------------------------
@@ -519,10 +501,10 @@ def _replay(path):
   rows = []
   start = time.time()
   with jax.default_matmul_precision('highest'):
-    _precompile(trainer.train_step, state, batches[0], teacher_vars)
+    trainer.train_step.lower(state, batches[0], teacher_vars).compile()  # the one program
     compile_seconds = time.time() - start
     for i in range(k_steps):
-      state, step_metrics = trainer.train_step(state, batches[i], teacher_vars, first=(i == 0))
+      state, step_metrics = trainer.train_step(state, batches[i], teacher_vars)
       rows.append(jax.device_get(step_metrics))
   seconds = (compile_seconds, time.time() - start - compile_seconds)
 

@@ -60,16 +60,13 @@ class Method:
   def cross_entropy(self, logits, labels):
     return self.config.method.get('ce_weight', 1.0) * losses.soft_target_cross_entropy(logits, labels)
 
-  def first_step_differs(self) -> bool:
-    """Whether `__call__(..., first=True)` computes something else than a later step (PAT's
-    prompts have no feedback yet). When False the run never compiles a separate first step."""
-    return False
-
   # -- the step ---------------------------------------------------------------
   def __call__(self, params, batch_stats, state, teacher_variables, batch, rng,
-               first: bool = False) -> StepOutput:
-    """One step's forward passes and loss terms. `first` (static) is True only for the very
-    first step of a run, which has no carried state yet (PAT's feedback)."""
+               first=False) -> StepOutput:
+    """One step's forward passes and loss terms. `first` is true only for the very first step
+    of a run, which has no carried state yet (PAT's feedback): the train step passes
+    `step == 0`, a traced boolean, so that the first step and the rest are one program; a
+    Python bool is accepted too (True: the first step's own computation, traced as such)."""
     del first
     logits, student_stats = self.student_apply(params, batch_stats, batch['image'], rng)
     terms = {'ce': self.cross_entropy(logits, batch['label'])}

@@ -26,6 +26,7 @@ BatchNorm and drop_path 0; our teacher always runs in eval mode).
 from typing import Any, Sequence, Tuple
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -56,7 +57,7 @@ class PATNet(nn.Module):
     return pm.square_shape(self.teacher_out_shapes[s])
 
   @nn.compact
-  def __call__(self, images, feats_s, feedback=None, train: bool = True):
+  def __call__(self, images, feats_s, feedback=None, train: bool = True, feedback_valid=None):
     prompts = {s: pm.PromptBlock(self.feedback_shape(s), tuple(self.teacher_in_shapes[s]),
                                  self.seq_layout, self.se_mode, self.cls_token, dtype=self.dtype,
                                  name=f'prompt_blocks_{s}') for s in self.afp_stages}
@@ -65,7 +66,7 @@ class PATNet(nn.Module):
       if i not in prompts:
         return x
       fb = feedback[i] if (self.afp_feedback and feedback is not None) else None
-      return prompts[i](x, fb, train)
+      return prompts[i](x, fb, train, feedback_valid if fb is not None else None)
 
     logits_t, feats_t = self.teacher(images, train=False, return_features=True, stage_hook=hook)
 
@@ -108,6 +109,19 @@ def default_config():
       cls_token='last')          # Q5; 'first' = corrected (timm's cls is first)
 
 
+def _keep_fusion_stats(new, old, valid):
+  """`new` with the BatchNorm statistics of every prompt's fusion branch (its fb_aligner)
+  taken from `old` unless `valid`: what a step without feedback, which does not run that
+  branch, returns."""
+  def fusion(path):
+    return path[0].startswith('prompt_blocks_') and path[1].startswith(('fb_aligner',
+                                                                        'fusion_block'))
+  flat_new, flat_old = traverse_util.flatten_dict(new), traverse_util.flatten_dict(old)
+  return traverse_util.unflatten_dict({
+      path: jnp.where(valid, v, flat_old[path]) if fusion(path) else v
+      for path, v in flat_new.items()})
+
+
 class PAT(base.Method):
   uses_teacher = True
 
@@ -147,10 +161,6 @@ class PAT(base.Method):
     state = {'student': fb, 'teacher': dict(fb)}
     return params, stats, state
 
-  def first_step_differs(self):
-    # Without feedback (no AFP stages, or afp_feedback=False) every step is the same program.
-    return bool(self.net.afp_stages) and bool(self.net.afp_feedback)
-
   def state_shardings(self, abstract_state, mesh):
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     # Feedback of sample i stays with sample i's shard, as per-rank feedback under DDP.
@@ -159,8 +169,12 @@ class PAT(base.Method):
 
   def __call__(self, params, batch_stats, state, teacher_variables, batch, rng, first=False):
     """`first`: the run's first step, which has no feedback yet (the original's prev_feat_*
-    are None). A separate compiled step, used once: branching at run time (lax.cond)
-    made the CPU step 20x slower."""
+    are None). Traced (the train step's `step == 0`): one program for every step; the
+    prompts compute their fusion branch and select the output without it on the first step
+    (`PromptBlock(feedback_valid=...)`), and the fusion branch's BatchNorm statistics keep
+    their old values there, so the first step equals the feedback-free computation
+    (tests/test_pat.py). Python True: that feedback-free computation itself. (A run-time
+    lax.cond instead of the select made the CPU step 20x slower.)"""
     if not hasattr(self, 'net'):
       raise RuntimeError('PAT.init must run (or be traced) before the first step: it measures the '
                          'stage shapes that size the PAT modules.')
@@ -175,12 +189,16 @@ class PAT(base.Method):
                  'batch_stats': {**batch_stats['method'],
                                  **({'teacher': teacher_variables['batch_stats']}
                                     if 'batch_stats' in teacher_variables else {})}}
-    feedback = None if first else {
-        s: jax.lax.stop_gradient(state['student'][s] - state['teacher'][s])
-        for s in self.net.afp_stages}
-    (logits_t, out), upd = self.net.apply(variables, images, feats_s, feedback, True,
+    feedback = valid = None
+    if first is not True:
+      feedback = {s: jax.lax.stop_gradient(state['student'][s] - state['teacher'][s])
+                  for s in self.net.afp_stages}
+      valid = None if first is False else jnp.logical_not(first)
+    (logits_t, out), upd = self.net.apply(variables, images, feats_s, feedback, True, valid,
                                           mutable=['batch_stats'])
     method_stats = {k: v for k, v in upd['batch_stats'].items() if k != 'teacher'}
+    if valid is not None:  # the first step leaves the unused fusion branch's statistics as they were
+      method_stats = _keep_fusion_stats(method_stats, batch_stats['method'], valid)
 
     terms = {
         'ce': self.cross_entropy(logits, batch['label']),
