@@ -12,6 +12,7 @@ from PIL import Image
 from pat_jax import data
 from pat_jax.data import digits
 from pat_jax.data import pipeline
+from pat_jax.data import sources
 
 
 @pytest.fixture(scope='module')
@@ -151,6 +152,32 @@ def test_hosts_batches_concatenate_to_the_single_host_global_batch(digits_dir, p
                                                                         start + i)
         np.testing.assert_array_equal(joined, expect, err_msg=f'step {start + i} {key}')
   assert single[5]['_epoch'][0] == 0 and single[6]['_epoch'][0] == 1
+
+
+def test_random_access_reader_reads_only_each_hosts_examples(digits_dir, tmp_path, monkeypatch):
+  """dataset.reader='random_access' (ArrayRecord through tfds.data_source, nothing held in
+  memory): two hosts' batches equal the in-memory reader's, and each host fetches exactly the
+  examples of its own index stream, in order (one worker, so that fetches are sequential)."""
+  array_record_dir = str(tmp_path / 'digits_array_record')
+  digits.prepare(array_record_dir, file_format='array_record')
+  fetched = []
+  fetch = sources.RandomAccessSplit.fetch
+  monkeypatch.setattr(sources.RandomAccessSplit, 'fetch',
+                      lambda self, index: (fetched.append(int(index)), fetch(self, index))[1])
+  kw = dict(train_fraction=0.064, recipe='cnn', num_parallel_calls=1, prefetch=1)
+  for p in range(2):
+    memory = take(data.train_dataset(make_config(data_dir=digits_dir, **kw), 16, process_index=p,
+                                     process_count=2, with_ids=True), 6)
+    assert not fetched  # the memory reader does not go through the data source
+    read = take(data.train_dataset(make_config(data_dir=array_record_dir, reader='random_access',
+                                               **kw), 16, process_index=p, process_count=2,
+                                   with_ids=True), 3)
+    for a, b in zip(memory, read):
+      for key in ('image', 'label', '_index'):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f'host {p} {key}')
+    stream = np.concatenate([b['_index'] for b in memory]).tolist()
+    assert 48 <= len(fetched) <= len(stream) and fetched == stream[:len(fetched)]
+    fetched.clear()
 
 
 def _eval_ids(config, batch, process_count):

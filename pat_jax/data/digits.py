@@ -55,9 +55,13 @@ class Digits(tfds.core.GeneratorBasedBuilder):
       yield position, {'image': images[i], 'label': int(labels[i])}
 
 
-def prepare(data_dir=None):
-  """Build the dataset into `data_dir` if needed and return the builder."""
-  builder = Digits(data_dir=data_dir, file_format='tfrecord')
+def prepare(data_dir=None, file_format=None):
+  """Build the dataset into `data_dir` if needed and return the builder. `file_format`:
+  'tfrecord' (None, for a new build) or 'array_record' (for dataset.reader='random_access');
+  an existing build is read in the format it was written in."""
+  builder = Digits(data_dir=data_dir, file_format=file_format)
+  if file_format is None and not builder.is_prepared():
+    builder = Digits(data_dir=data_dir, file_format='tfrecord')
   if not builder.is_prepared():
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))

@@ -170,11 +170,12 @@ class PAT(base.Method):
   def __call__(self, params, batch_stats, state, teacher_variables, batch, rng, first=False):
     """`first`: the run's first step, which has no feedback yet (the original's prev_feat_*
     are None). Traced (the train step's `step == 0`): one program for every step; the
-    prompts compute their fusion branch and select the output without it on the first step
+    prompts compute their fusion branch and, on the first step, give the output without it
     (`PromptBlock(feedback_valid=...)`), and the fusion branch's BatchNorm statistics keep
     their old values there, so the first step equals the feedback-free computation
     (tests/test_pat.py). Python True: that feedback-free computation itself. (A run-time
-    lax.cond instead of the select made the CPU step 20x slower.)"""
+    branch over more of the step had made the CPU step 20x slower, 2026-11-27; the branch
+    here holds only the prompt branch's few small ops, and the step time is unchanged.)"""
     if not hasattr(self, 'net'):
       raise RuntimeError('PAT.init must run (or be traced) before the first step: it measures the '
                          'stage shapes that size the PAT modules.')
