@@ -75,15 +75,14 @@ def test_first_step_has_no_feedback_then_feedback_is_carried(one_device_run):
   assert all(float(jnp.abs(aligned[s] - target[s]).max()) > 0 for s in aligned)
 
 
-@pytest.mark.parametrize('se_mode,firsts', [('gate', (True, False)), ('scale', (True,))])
-def test_first_step_in_the_one_program_equals_the_step_without_feedback(se_mode, firsts):
+def test_first_step_in_the_one_program_equals_the_step_without_feedback():
   """The train step passes `first` traced (step == 0): the prompts compute their fusion branch
-  and select the output without it (se_mode='gate': the prompt branch on both inputs, whose
-  shapes differ; 'scale': one prompt branch on the selected input). Loss terms, gradients,
-  BatchNorm statistics and the new feedback equal those of the feedback-free step (first=True,
-  traced as such), with non-zero carried feedback that would show the wrong branch; and
-  first=False those of a later step."""
-  trainer, tv, _ = _trainer(_config(se_mode=se_mode), 1)
+  and give the output without it (PromptBlock's own test covers both se_modes). Loss terms,
+  gradients, BatchNorm statistics and the new feedback equal those of the feedback-free step
+  (first=True, traced as such), with non-zero carried feedback that would show the wrong
+  branch; and first=False those of a later step."""
+  firsts = (True, False)
+  trainer, tv, _ = _trainer(_config(), 1)
   state = trainer.init(jax.random.PRNGKey(0))
   rng = np.random.default_rng(1)
   carried = jax.tree_util.tree_map(
@@ -108,8 +107,6 @@ def test_first_step_in_the_one_program_equals_the_step_without_feedback(se_mode,
         lambda path, a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6,
                                                       err_msg=jax.tree_util.keystr(path)),
         want, got)
-  if se_mode != 'gate':
-    return
   # The feedback did matter: the prompts' beta gradient and the fb_aligner statistics differ.
   (_, first_out), first_grads = results[(True, True)]
   (_, later_out), later_grads = results[(False, True)]

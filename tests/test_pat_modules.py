@@ -325,6 +325,31 @@ def test_initialisers():
   np.testing.assert_array_equal(r['norm']['scale'], 1.0)
 
 
+@pytest.mark.parametrize('se_mode', ['gate', 'scale'])
+def test_feedback_valid_flag_gives_the_output_without_or_with_feedback(se_mode):
+  """A traced `feedback_valid` (a run's first step inside the one train-step program): False
+  equals the block without feedback, True the block with it, values and gradients (beta 0.5,
+  so that the prompt branch shows; 'gate' takes the nn.cond, 'scale' the jnp.where)."""
+  x, fb = _rand(0, (4, 8, 8, 32)), _rand(1, (4, 4, 4, 48))
+  blk = pm.PromptBlock((4, 4, 48), (8, 8, 32), se_mode=se_mode)
+  variables = _with_beta(_init(blk, x, fb, train=True), 0.5)
+
+  def loss(params, x, feedback, valid):
+    y, _ = blk.apply({**variables, 'params': params}, x, feedback, True, valid,
+                     mutable=['batch_stats'])
+    return jnp.sum(jnp.square(y))
+
+  grad = jax.value_and_grad(loss, argnums=(0, 1))
+  with jax.default_matmul_precision('highest'):
+    for valid in (False, True):
+      want = jax.jit(lambda p, x, v=valid: grad(p, x, fb if v else None, None))(
+          variables['params'], x)
+      got = jax.jit(lambda p, x, v: grad(p, x, fb, v))(variables['params'], x,
+                                                       jnp.asarray(valid))
+      jax.tree_util.tree_map(
+          lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), want, got)
+
+
 def test_init_without_feedback_creates_every_parameter():
   x, fb = _rand(0, (2, 8, 8, 32)), _rand(1, (2, 4, 4, 48))
   blk = pm.PromptBlock((4, 4, 48), (8, 8, 32))
