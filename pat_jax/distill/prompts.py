@@ -169,8 +169,8 @@ class PromptBlock(nn.Module):
 
   `feedback_valid` (a traced boolean scalar, with feedback): False gives the output without
   feedback (a run's first step, in the same program as the rest): the fusion branch runs but
-  x itself is used (with se_mode='gate' the prompt branch runs on both and its output is
-  selected); the caller keeps the fusion branch's BatchNorm statistics (pat.py).
+  x itself is used (with se_mode='gate', an nn.cond runs the prompt branch on x or on the
+  fused input); the caller keeps the fusion branch's BatchNorm statistics (pat.py).
 
   Forward: feedback (if given) is aligned; a sequence x (B, L, C) sets its cls token
   aside when L is not square (Q5) and becomes the (B, h, h, C) grid (feedback alike);
