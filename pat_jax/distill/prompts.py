@@ -227,16 +227,14 @@ class PromptBlock(nn.Module):
     y = SEBlock(c, self.se_ratio, self.se_mode, dtype=self.dtype, name='fusion_block_3')(y)
     return torch_conv(c, 1, c, dtype=self.dtype, name='fusion_block_4')(y)
 
-  def _prompt(self, inputs):
-    """The prompt branch applied to each of `inputs`, with one set of weights."""
+  def _prompt(self, y):
     c = self.channels
     chain = [torch_conv_weights(c, 1, c, groups=4, name='prompt_block_0'),
              torch_conv_weights(c, 5, c, groups=c, name='prompt_block_1'),
              torch_conv_weights(c, 1, c, name='prompt_block_2')]
-    se = SEBlock(c, self.se_ratio, self.se_mode, dtype=self.dtype, name='prompt_block_3')
-    last = torch_conv(c, 1, c, groups=4, dtype=self.dtype, name='prompt_block_4')
-    chain_fn = conv_chain_mean if self._pooled() else conv_chain
-    return [last(se(chain_fn(y, chain, self.dtype))) for y in inputs]
+    y = (conv_chain_mean if self._pooled() else conv_chain)(y, chain, self.dtype)
+    y = SEBlock(c, self.se_ratio, self.se_mode, dtype=self.dtype, name='prompt_block_3')(y)
+    return torch_conv(c, 1, c, groups=4, dtype=self.dtype, name='prompt_block_4')(y)
 
   @nn.compact
   def __call__(self, x, feedback=None, train: bool = True, feedback_valid=None):
@@ -250,23 +248,23 @@ class PromptBlock(nn.Module):
     else:
       grid = x
     if feedback is None:
-      prompt, = self._prompt([grid])
+      prompt = self._prompt(grid)
       if self.is_initializing():  # create the fusion/aligner parameters too
         fb = jnp.zeros((x.shape[0],) + tuple(self.in_shape), x.dtype)
         self._fusion(grid, fb, train)
     else:
       x_f = self._fusion(grid, feedback, train)
       if feedback_valid is None:
-        prompt, = self._prompt([x_f])
+        prompt = self._prompt(x_f)
       elif x_f.shape == grid.shape:  # a run's first step (traced flag) takes x unfused
-        prompt, = self._prompt([jnp.where(feedback_valid, x_f, grid)])
+        prompt = self._prompt(jnp.where(feedback_valid, x_f, grid))
       else:
         # se_mode='gate' (Q2): the fused input is the (B, 1, 1, C) gate, the unfused one the
         # whole map, and the prompt branch's padded 5x5 convolution treats them differently.
         # A run-time branch runs only the one needed: selecting between both outputs gave
         # the unused branch a gradient path into the teacher's activations, +26% peak memory.
-        prompt = nn.cond(feedback_valid, lambda mdl, fused, _: mdl._prompt([fused])[0],  # pylint: disable=protected-access
-                         lambda mdl, _, unfused: mdl._prompt([unfused])[0], self, x_f, grid)  # pylint: disable=protected-access
+        prompt = nn.cond(feedback_valid, lambda mdl, fused, _: mdl._prompt(fused),  # pylint: disable=protected-access
+                         lambda mdl, _, unfused: mdl._prompt(unfused), self, x_f, grid)  # pylint: disable=protected-access
     beta = self.param('beta', nn.initializers.zeros, (1,), jnp.float32)
     y = grid + beta.astype(grid.dtype) * prompt
     if not is_seq:
