@@ -13,7 +13,7 @@
 # 2. Where the time goes: a jax.profiler trace of 5 PAT steps (OUT/profile, for TensorBoard or
 #    xprof) and PAT's step split into its parts (`--breakdown`).
 # 3. Fast forms (pat_jax/kernels): each op's forms timed alone (OUT/kernels.jsonl), PAT with the
-#    CPU's forms, and PAT with teacher.scan_blocks.
+#    CPU's forms, and PAT with the teacher unrolled (teacher.scan_blocks=False).
 # Writes OUT/device_check.jsonl (one JSON line per benchmark, a failed one as {"error": ...})
 # and OUT/device_check.md (a table), and prints the table. Env: CONFIG (default
 # configs/cifar_convnext_deit.py), BATCH (128), STEPS (10), PYTHON (python), STUDENT_ARG (the
@@ -62,11 +62,12 @@ for m in 2 4; do  # the largest batch that fits: stop at the first that does not
 done
 bench pat_bf16_breakdown "" "$B" --config.dtype=bfloat16 --breakdown --steps=5
 # Which form of each op is faster on this backend (pat_jax/kernels: the table's GPU/TPU column
-# is reasoned, not yet measured), and PAT with the CPU's forms and with the ConvNeXt scan.
+# is reasoned, not yet measured), and PAT with the CPU's forms and with the ConvNeXt teacher's
+# blocks unrolled (teacher.scan_blocks=False; on by default).
 bench pat_bf16_cpu_forms "" "$B" --config.dtype=bfloat16 --steps=5 \
   "--compilation_cache=$OUT_DIR/jax_cache_forms" \
   --kernels=gelu=rule,depthwise_conv=shift,pointwise_conv=matmul,patchify_conv=matmul,taps_dot=rule
-bench pat_bf16_scan "" "$B" --config.dtype=bfloat16 --config.teacher.scan_blocks=True
+bench pat_bf16_unrolled "" "$B" --config.dtype=bfloat16 --config.teacher.scan_blocks=False
 KCMD=("$PY" -m pat_jax.kernels.bench --json "--batch=$BATCH" --dtype=bfloat16 --repeats=5)
 if [ "$DRY" = 1 ]; then printf '%q ' "${KCMD[@]}"; echo; exit 0; fi
 "${KCMD[@]}" > "$OUT_DIR/kernels.jsonl" 2> "$OUT_DIR/kernels.log" || echo "kernels bench failed" >&2

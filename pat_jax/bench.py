@@ -123,8 +123,9 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False, p
   if config.teacher.name:
     teacher = train.create_teacher(config, num_classes)
     size = config.dataset.image_size
-    teacher_vars = jax.jit(lambda r: teacher.init(r, jnp.zeros((1, size, size, 3))),
-                           out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(1))
+    plain_vars = jax.jit(lambda r: teacher.init(r, jnp.zeros((1, size, size, 3))),
+                         out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(1))
+    teacher_vars = train.teacher_layout(teacher, plain_vars, mesh)
   trainer = train.make_trainer(config, mesh, num_classes, steps_per_epoch=1000,
                                teacher=teacher, teacher_vars=teacher_vars)
   state = trainer.init(jax.random.PRNGKey(0))
@@ -151,7 +152,8 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False, p
     # for the digits KD step) so that flops_per_step and MFU stay comparable.
     unrolled = teacher.clone(scan_blocks=False)
     cost = train.make_trainer(config, mesh, num_classes, steps_per_epoch=1000, teacher=unrolled,
-                              teacher_vars=teacher_vars).train_step.lower(*args).cost_analysis()
+                              teacher_vars=plain_vars).train_step.lower(
+                                  state, batch, plain_vars).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get('flops', 0.0)) if cost else 0.0
 

@@ -37,10 +37,11 @@ def base(recipe: str = 'cnn') -> ml_collections.ConfigDict:
   c.teacher.min_top1 = 0.0  # >0: evaluate the teacher at start-up and stop below this top-1 (%)
   c.teacher.remat = False  # rematerialise the (prompted) teacher's blocks in the backward pass
   # ConvNeXt teachers (always in eval mode): each stage's blocks as one lax.scan over their
-  # stacked weights, so XLA compiles one block per stage (same function and parameters). Off:
-  # on CPU it cut the program by 31% but compile time by only ~9% and added 35% to the step's
-  # memory (docs/BENCHMARKS.md); not yet measured on a GPU (launch/device_check.sh does).
-  c.teacher.scan_blocks = False
+  # weights, stacked once at load (same function; checkpoints keep timm's layout). XLA
+  # compiles one block per stage: for the paper pair on CPU, compile 37-38 s instead of 41-43 s,
+  # a cached restart 8.9 s instead of 13.2 s, the step no slower, but 18% more step memory at
+  # batch 8 (1.54 vs 1.30 GB); False: the unrolled blocks, least memory (docs/BENCHMARKS.md).
+  c.teacher.scan_blocks = True
   # Where a config with teacher.pretrain (and no checkpoint) trains its teacher: '' = WORKDIR/teacher.
   # A sweep points every run at one folder, so all its runs share one teacher.
   c.teacher.workdir = ''

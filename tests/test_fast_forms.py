@@ -167,6 +167,24 @@ def test_shifted_depthwise_gradients_equal_xla_convolution(shape, k, p):
   _assert_same_value_and_grads(loss, kernels.xla_depthwise, kernels.shifted_depthwise, x, kernel)
 
 
+def test_shifted_depthwise_with_one_input_differentiated():
+  """Gradients to the input alone (a frozen teacher's kernel) and to the kernel alone equal XLA's
+  convolution's, and with the kernel frozen the backward pass keeps no copy of the input (the
+  rule saves it only for the kernel's gradient: inside the scanned teacher stages XLA could not
+  drop it)."""
+  x, kernel = _rand(0, (2, 9, 9, 4)), _rand(1, (7, 7, 1, 4))
+  loss = lambda f, x, w: jnp.sum(jnp.cos(f(x, w, 3)) * x)
+  for argnums in ((0,), (1,)):
+    with HIGHEST():
+      want, got = [jax.jit(jax.value_and_grad(functools.partial(loss, f), argnums=argnums))(x, kernel)
+                   for f in (kernels.xla_depthwise, kernels.shifted_depthwise)]
+    _assert_close(got, want)
+  _, vjp = jax.vjp(lambda x: kernels.shifted_depthwise(x, kernel, 3), x)
+  assert all(leaf.size < x.size for leaf in jax.tree_util.tree_leaves(vjp))
+  _, vjp = jax.vjp(lambda w: kernels.shifted_depthwise(x, w, 3), kernel)
+  assert any(leaf.shape == x.shape for leaf in jax.tree_util.tree_leaves(vjp))
+
+
 @pytest.mark.parametrize('x_shape,k,stride,groups,features', [
     ((2, 5, 6, 8), 1, 1, 1, 12),     # 1x1
     ((2, 5, 6, 8), 1, 1, 4, 12),     # grouped 1x1 (the prompt's groups=4)

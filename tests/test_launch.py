@@ -213,6 +213,6 @@ def test_device_check_dry_run_lists_every_benchmark(tmp_path):
   assert sum('--config.batch_size=256' in l for l in lines) == 1
   assert sum('--breakdown' in l for l in lines) == 1
   assert sum('--kernels=' in l for l in lines) == 1
-  assert sum('--config.teacher.scan_blocks=True' in l for l in lines) == 1
+  assert sum('--config.teacher.scan_blocks=False' in l for l in lines) == 1
   assert sum(f'--profile_dir={tmp_path}/out/profile' in l for l in lines) == 1
   assert not os.path.exists(tmp_path / 'out' / 'device_check.jsonl')  # nothing ran

@@ -43,19 +43,29 @@ def shifted_depthwise(x, kernel, padding: int):
 
 
 def _shifted_depthwise_fwd(x, kernel, padding):
-  return _shift_add(x, kernel, padding), (x, kernel)
+  # Symbolic zeros tell which inputs carry gradients: x is kept only for the kernel's gradient,
+  # so a frozen kernel (the teacher's) saves nothing but itself. XLA drops the unused residual
+  # in an unrolled network; inside a lax.scan (teacher.scan_blocks) it could not.
+  keep_x = kernel.perturbed
+  x, kernel = x.value, kernel.value
+  saved = x if keep_x else jnp.zeros((0,), x.dtype)  # empty: x's dtype alone
+  return _shift_add(x, kernel, padding), (saved, kernel)
 
 
 def _shifted_depthwise_bwd(padding, res, g):
   x, kernel = res
+  if isinstance(g, jax.custom_derivatives.SymbolicZero):
+    return None, None
   k = kernel.shape[0]
-  dx = _shift_add(g, kernel[::-1, ::-1], k - 1 - padding)
+  dx = _shift_add(g, kernel[::-1, ::-1], k - 1 - padding).astype(x.dtype)
+  if x.size == 0:
+    return dx, None
   _, kernel_vjp = jax.vjp(lambda w: xla_depthwise(x, w, padding), kernel)
   dk, = kernel_vjp(g)
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+  return dx, dk.astype(kernel.dtype)
 
 
-shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
+shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd, symbolic_zeros=True)
 
 
 def depthwise(x, kernel, padding: int):

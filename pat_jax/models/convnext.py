@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from pat_jax.models import layers
 
@@ -23,7 +24,7 @@ class Block(nn.Module):
   def __call__(self, x, train):
     y = layers.conv(self.dim, 7, 1, 3, groups=self.dim, dtype=self.dtype,
                     kernel_init=layers.trunc_normal_02, name='conv_dw')(x)
-    y = layers.LayerNorm(dtype=self.dtype, name='norm')(y)
+    y = layers.LayerNorm(dtype=self.dtype, name='norm')(checkpoint_name(y, 'dwconv'))
     y = layers.Mlp(4 * self.dim, self.dim, dtype=self.dtype, name='mlp')(y)
     gamma = self.param('gamma', nn.initializers.constant(self.ls_init_value), (self.dim,))
     # gamma in the compute dtype keeps a bf16 residual stream bf16 (half the saved activations).
@@ -58,20 +59,55 @@ class Stage(nn.Module):
   def _scanned_blocks(self, x):
     """The stage's blocks as one loop over their stacked weights: XLA compiles one block
     instead of `depth` copies (a frozen teacher runs in eval mode, twice per PAT step: the
-    paper pair's program is 31% smaller, docs/BENCHMARKS.md). Same parameters (`blocks_<b>`, stacked
-    here on the fly, so checkpoints and timm conversion are unchanged) and the same function;
-    eval mode only, where no block draws randomness (drop path). With remat, each iteration's
-    activations are recomputed in the backward pass."""
+    paper pair's program is 31% smaller, docs/BENCHMARKS.md). The weights come stacked
+    (`blocks`, made once by `stack_blocks`) or as timm's `blocks_<b>`, then stacked here on
+    every call (a copy of the stage's weights per forward: ~100 MB for ConvNeXt-T). Same
+    function; eval mode only, where no block draws randomness (drop path). With remat, each
+    iteration's activations are recomputed in the backward pass."""
     params = self.variables['params']
-    stacked = jax.tree_util.tree_map(lambda *p: jnp.stack(p),
-                                     *[params[f'blocks_{b}'] for b in range(self.depth)])
+    stacked = params.get('blocks')
+    if stacked is None:
+      stacked = _stack([params[f'blocks_{b}'] for b in range(self.depth)])
     proto = Block(self.dim, 0.0, self.ls_init_value, self.dtype)
 
     def body(y, block_params):
       return proto.apply({'params': block_params}, y, False), None
     if self.remat:
       body = jax.checkpoint(body)
+    else:
+      # Save what an unrolled network keeps for the backward pass (the depthwise output and
+      # the matrix products; XLA recomputes the LayerNorm's element-wise parts inside its
+      # fusions there) and recompute the rest: scan stacks every residual it is given, and
+      # left alone it kept the LayerNorm's intermediates too (+20% activation memory).
+      body = jax.checkpoint(body, policy=_SCAN_SAVES)
     return jax.lax.scan(body, x, stacked)[0]
+
+
+_SCAN_SAVES = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names('dwconv'))
+
+
+def _stack(trees):
+  return jax.tree_util.tree_map(lambda *p: jnp.stack(p), *trees)
+
+
+def stack_blocks(variables):
+  """ConvNeXt variables with each stage's `blocks_<b>` (b < depth, depth > 1) stacked into one
+  `blocks` entry along a new leading axis: the layout a scan_blocks model runs without copying
+  its weights on every forward. For a frozen teacher, once after loading; checkpoints and timm
+  conversion keep the per-block layout."""
+  out = dict(variables)
+  params = dict(out['params'])
+  for name, stage in params.items():
+    if not name.startswith('stages_'):
+      continue
+    blocks = sorted((k for k in stage if k.startswith('blocks_')), key=lambda k: int(k[7:]))
+    if len(blocks) > 1:
+      stage = {k: v for k, v in stage.items() if k not in blocks}
+      params[name] = {**stage, 'blocks': _stack([variables['params'][name][k] for k in blocks])}
+  out['params'] = params
+  return out
 
 
 class Head(nn.Module):
