@@ -95,6 +95,25 @@ def test_window_sums_match_padded_convolution_taps(h, w, k):
       assert counts[i, j] == ones.sum()
 
 
+@pytest.mark.parametrize('h,w,k', [(8, 8, 5), (7, 5, 5), (2, 3, 5), (1, 1, 5), (6, 6, 3)])
+def test_window_sums_gradient_rule_equals_autodiff_of_the_taps(h, w, k):
+  """window_sums' own gradient (each cell gets the cotangents of the windows covering it)
+  equals the derivative of the padded convolution taps it replaces."""
+  x = _rand(0, (2, h, w, 3))
+  p = k // 2
+
+  def taps(x):
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    return jnp.stack([jnp.stack([xp[:, i:i + h, j:j + w].sum((1, 2)) for j in range(k)], 1)
+                      for i in range(k)], 1)
+  weights = _rand(1, (1, k, k, 3))
+  loss = lambda f, x: jnp.sum(jnp.cos(f(x)) * weights)
+  with HIGHEST():
+    want = jax.grad(functools.partial(loss, taps))(x)
+    got = jax.grad(functools.partial(loss, lambda x: prompts.window_sums(x, k)[0]))(x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # the sums round differently
+
+
 def _reference_resize_bn_conv(x, params, stats, out_hw, train):
   """The original's order: resize, then BatchNorm (PyTorch semantics), then the 1x1 conv."""
   up = projectors.nearest_resize_legacy(x, *out_hw)

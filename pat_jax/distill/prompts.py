@@ -22,9 +22,11 @@ Quirk switches (module fields; the default reproduces the original, DESIGN.md #8
     (and re-appends it at the end); 'first' (corrected for timm ViT): the first token
     (the real cls) is set aside and put back in front.
 """
+import functools
 from typing import Any, Optional, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -92,11 +94,38 @@ def window_sums(x, k: int):
   """(B, H, W, C) -> (B, k, k, C): entry (di, dj) is the sum of x over the cells that tap
   (di, dj) of a k x k convolution with zero padding k//2 reads, i.e. x shifted by
   (di - k//2, dj - k//2) and clipped to the map. Also returns their counts (k, k)."""
-  p = k // 2
   _, h, w, _ = x.shape
-  sums = _clipped_sums(_clipped_sums(x, 2, k), 1, k)
-  span = lambda n: [max(0, min(n, n + d - p) - max(0, d - p)) for d in range(k)]
-  return sums, np.outer(span(h), span(w))
+  sums = _window_sums(x, k)
+  return sums, np.outer(_covers(h, k).sum(1), _covers(w, k).sum(1))
+
+
+def _covers(n: int, k: int):
+  """(k, n) 0/1: window d of `_clipped_sums` covers index i."""
+  i, d = np.arange(n)[None, :], np.arange(k)[:, None] - k // 2
+  return ((i >= d) & (i < d + n)).astype(np.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _window_sums(x, k: int):
+  return _clipped_sums(_clipped_sums(x, 2, k), 1, k)
+
+
+def _window_sums_fwd(x, k):
+  return _window_sums(x, k), jnp.zeros((0,) + x.shape[1:3], x.dtype)  # empty: H, W and dtype
+
+
+def _window_sums_bwd(k, res, g):
+  """dx[b, h, w] = sum over the windows (i, j) covering (h, w) of g[b, i, j], as two short
+  sums of broadcasts (XLA fuses each into one loop). Differentiating the clipped sums gave one
+  full-size padded tensor per border slice (20+ at the prompted teacher's first stage), which
+  XLA kept in memory at once next to the scanned teacher's backward loop (+200 MB at batch 8)."""
+  rows, cols = _covers(res.shape[1], k), _covers(res.shape[2], k)
+  a = sum(g[:, :, j, None, :] * cols[j][None, None, :, None] for j in range(k))  # (B, k, W, C)
+  dx = sum(a[:, i, None, :, :] * rows[i][None, :, None, None] for i in range(k))  # (B, H, W, C)
+  return (dx.astype(res.dtype),)
+
+
+_window_sums.defvjp(_window_sums_fwd, _window_sums_bwd)
 
 
 def conv_chain_mean(x, weights, dtype=jnp.float32):
