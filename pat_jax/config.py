@@ -38,9 +38,9 @@ def base(recipe: str = 'cnn') -> ml_collections.ConfigDict:
   c.teacher.remat = False  # rematerialise the (prompted) teacher's blocks in the backward pass
   # ConvNeXt teachers (always in eval mode): each stage's blocks as one lax.scan over their
   # weights, stacked once at load (same function; checkpoints keep timm's layout). XLA
-  # compiles one block per stage: for the paper pair on CPU, compile 37-38 s instead of 41-43 s,
-  # a cached restart 8.9 s instead of 13.2 s, the step no slower, but 18% more step memory at
-  # batch 8 (1.54 vs 1.30 GB); False: the unrolled blocks, least memory (docs/BENCHMARKS.md).
+  # compiles one block per stage: for the paper pair's PAT step on CPU, compile 31-37 s instead
+  # of 39-41 s, a cached restart 7.5 s instead of 13.2 s, 1.20 instead of 1.30 GB at batch 8,
+  # the step as fast or a little faster. False: the unrolled blocks (docs/BENCHMARKS.md).
   c.teacher.scan_blocks = True
   # Where a config with teacher.pretrain (and no checkpoint) trains its teacher: '' = WORKDIR/teacher.
   # A sweep points every run at one folder, so all its runs share one teacher.

@@ -32,3 +32,54 @@ def test_apply_keeps_user_flags_and_can_be_turned_off(monkeypatch):
   monkeypatch.setenv('PAT_JAX_XLA_CPU_FLAGS', '0')
   xla_cpu.apply(_config(True, True))
   assert os.environ['XLA_FLAGS'] == '--foo=1'
+
+
+def test_cpu_only_follows_jax_platforms():
+  assert xla_cpu.cpu_only({'JAX_PLATFORMS': 'cpu'})
+  assert not xla_cpu.cpu_only({'JAX_PLATFORMS': 'cuda'})
+  assert not xla_cpu.cpu_only({'JAX_PLATFORMS': 'tpu,cpu'})
+  assert xla_cpu.cpu_only({})  # this test image has no accelerator plugin
+
+
+def test_keep_freed_memory_sets_glibc_and_can_be_turned_off():
+  calls = []
+
+  class FakeLibc:
+    def mallopt(self, param, value):
+      calls.append((param, value))
+      return 1
+  assert xla_cpu.keep_freed_memory({}, FakeLibc())
+  assert calls == [(xla_cpu.M_ARENA_MAX, 1), (xla_cpu.M_MMAP_MAX, 0), (xla_cpu.M_TRIM_THRESHOLD, -1)]
+  assert not xla_cpu.keep_freed_memory({'PAT_JAX_KEEP_FREED_MEMORY': '0'}, FakeLibc())
+  assert len(calls) == 3
+
+
+_REALLOCATE = '''
+import ctypes, resource, sys
+from pat_jax import xla_cpu
+if sys.argv[1] == '1':
+  assert xla_cpu.keep_freed_memory({})
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype = ctypes.c_void_p
+n = 256 << 20
+def touch():
+  p = libc.malloc(n); ctypes.memset(p, 1, n); libc.free(ctypes.c_void_p(p))
+touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+touch()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+'''
+
+
+def test_keep_freed_memory_stops_refaulting_a_large_block():
+  """A 256 MB block freed and allocated again: glibc unmaps and page-faults it in again
+  (65,536 faults of 4 kB pages, 128 with transparent huge pages always on) unless its freed
+  memory is kept."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  faults = {}
+  for keep in ('0', '1'):
+    out = subprocess.run([sys.executable, '-c', _REALLOCATE, keep], check=True,
+                         capture_output=True, text=True).stdout
+    faults[keep] = int(out.split()[-1])
+  assert faults['0'] >= 100 and faults['1'] * 10 < faults['0'], faults
