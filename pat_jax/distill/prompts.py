@@ -73,7 +73,8 @@ def _clipped_sums(x, axis: int, k: int):
   """Sums of x along `axis` over the k windows of a size-k, padding-k//2 convolution tap,
   stacked on that axis: window d covers indices [d - k//2, d - k//2 + n) clipped to [0, n).
   Computed as the full sum minus the few border slices each window leaves out (no
-  full-size intermediates, forward or backward)."""
+  full-size intermediates in the forward pass; its derivative would pad each border slice to
+  full size, hence `_window_sums_bwd`)."""
   n, p = x.shape[axis], k // 2
   total = x.sum(axis)
   edge = lambda j: jnp.take(x, j, axis=axis)
