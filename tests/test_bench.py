@@ -31,3 +31,39 @@ def test_bench_json_keys_without_tensorflow():
   assert result['model'] == 'mini_deit' and result['method'] == 'none' and result['batch_size'] == 8
   assert result['compile_s'] > 0 and result['img_per_s'] > 0 and result['flops_per_step'] > 0
   assert result['kernels']['gelu'] == 'xla' and result['kernels']['depthwise_conv'] == 'shift'
+
+
+def test_breakdown_parts_take_the_batch_and_weights_as_arguments():
+  """Each part of `--breakdown` is its own program; closed over, the batch and the weights
+  became constants inside it (and the student's part timed 1.9x its whole training step)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from pat_jax import bench, config as base_config, models, sharding, train  # pylint: disable=g-import-not-at-top
+  from pat_jax.distill import pat  # pylint: disable=g-import-not-at-top
+
+  c = base_config.base('vit_mlp')
+  c.model.name, c.teacher.name = 'mini_deit', 'mini_convnext'
+  c.dataset.image_size, c.batch_size = 32, 4
+  c.method = ml_collections.ConfigDict(pat.default_config())
+  c.method.raa_dim = 32
+  teacher = models.create(c.teacher.name, num_classes=10)
+  mesh = sharding.make_mesh(1)
+  tv = train.teacher_layout(teacher, jax.jit(teacher.init)(jax.random.PRNGKey(1),
+                                                           jnp.zeros((1, 32, 32, 3))), mesh)
+  trainer = train.make_trainer(c, mesh, 10, steps_per_epoch=10, teacher=teacher, teacher_vars=tv)
+  state = trainer.init(jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  batch = sharding.global_batch({'image': rng.standard_normal((4, 32, 32, 3), dtype=np.float32),
+                                 'label': np.eye(10, dtype=np.float32)[rng.integers(0, 10, 4)]}, mesh)
+  parts = bench.breakdown_parts(trainer, state, batch, tv)
+  assert set(parts) == {'student_fwd_bwd', 'teacher_fwd', 'prompted_teacher_fwd_bwd',
+                        'raa_aligners_loss_fwd_bwd'}
+  for name, (fn, args) in parts.items():
+    text = jax.jit(fn).lower(*args).as_text()
+    # The batch alone is 49 kB of float32: as a constant, one line of hex twice that long.
+    longest = max(len(line) for line in text.splitlines() if 'stablehlo.constant' in line)
+    assert longest < 5_000, (name, longest)
+    out = jax.jit(fn)(*args)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(out)), name
