@@ -72,8 +72,7 @@ def pat_breakdown(trainer, state, batch, teacher_vars, steps):
 def breakdown_parts(trainer, state, batch, teacher_vars):
   """The parts of a PAT step as {name: (function, arguments)}. Every array a part reads is an
   argument, as in the real step: closed over, the batch and the weights would be program
-  constants, which XLA folds or lays out differently (the student's part measured 0.77 s
-  that way against 0.41 s for its whole training step)."""
+  constants, which XLA may fold or lay out differently."""
   import jax  # pylint: disable=g-import-not-at-top
   from pat_jax.distill import losses, pat_modules  # pylint: disable=g-import-not-at-top
   method, student = trainer.method, trainer.student

@@ -35,7 +35,7 @@ def test_bench_json_keys_without_tensorflow():
 
 def test_breakdown_parts_take_the_batch_and_weights_as_arguments():
   """Each part of `--breakdown` is its own program; closed over, the batch and the weights
-  became constants inside it (and the student's part timed 1.9x its whole training step)."""
+  became constants inside it, unlike in the real step."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
