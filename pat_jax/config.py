@@ -40,8 +40,10 @@ def base(recipe: str = 'cnn') -> ml_collections.ConfigDict:
   # weights, stacked once at load (same function; checkpoints keep timm's layout). XLA
   # compiles one block per stage: for the paper pair's PAT step on CPU, compile 31.5-44.2 s
   # instead of 39.5-43.1 s, a cached restart 7.5 s instead of 13.2 s, 1.20 instead of 1.30 GB at batch 8,
-  # the step as fast or a little faster; but in bf16 at batch 128 without remat the CPU
-  # backend needs 25% more (12.8 vs 10.2 GB). False: the unrolled blocks (docs/BENCHMARKS.md).
+  # the step as fast or a little faster; but in bf16 without remat the CPU backend needs
+  # 20-25% more (XLA:CPU copies a bf16 loop's saved activations to float32; XLA:GPU moves
+  # bf16 as is).
+  # False: the unrolled blocks (docs/BENCHMARKS.md).
   c.teacher.scan_blocks = True
   # Where a config with teacher.pretrain (and no checkpoint) trains its teacher: '' = WORKDIR/teacher.
   # A sweep points every run at one folder, so all its runs share one teacher.

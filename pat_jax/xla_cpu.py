@@ -13,8 +13,9 @@ With rematerialisation on (model.remat or teacher.remat):
 Measurements of both: docs/BENCHMARKS.md ("XLA:CPU flags").
 
 And in a CPU-only process (no CUDA, ROCm or TPU plugin installed, or JAX_PLATFORMS=cpu), with
-glibc: `keep_freed_memory`, so that XLA:CPU's per-step buffers (over 1 GB for the paper pair's
-PAT step) are not handed back to the OS and page-faulted in again on every step.
+glibc and PAT_JAX_KEEP_FREED_MEMORY=1: `keep_freed_memory`, so that XLA:CPU's per-step buffers
+(over 1 GB for the paper pair's PAT step) are not page-faulted in again on every step. Opt-in:
+its one arena makes threads wait for each other's allocations (see keep_freed_memory).
 
 The flags only affect the CPU backend (they are set before the backend is known; the other
 CPU-only forms are chosen per backend in `pat_jax.kernels`). PAT_JAX_XLA_CPU_FLAGS=0 leaves
@@ -36,7 +37,8 @@ def flags_for(config=None):
 
 
 def apply(config=None):
-  """Adds `flags_for(config)` to XLA_FLAGS and, in a CPU-only process, keeps freed memory.
+  """Adds `flags_for(config)` to XLA_FLAGS and, in a CPU-only process where
+  PAT_JAX_KEEP_FREED_MEMORY=1, keeps freed memory.
   Call before the first JAX computation: XLA reads XLA_FLAGS once, when the backends start."""
   if cpu_only():
     keep_freed_memory()
@@ -68,14 +70,20 @@ def keep_freed_memory(environ=os.environ, libc=None):
   """Makes glibc keep freed memory for reuse: one arena, no mmap for large blocks, no trimming.
 
   XLA:CPU allocates each step's temporary buffers afresh (1.2 GB for the paper pair's PAT step
-  at batch 8). glibc serves blocks that large with mmap and unmaps them when freed (or, from a
-  thread's arena, returns them with madvise), so every step page-faulted ~0.8 GB back in: on
-  the 2-core VM 196,000 minor faults and 0.2-0.3 s of a 1.6-1.7 s step, with steps of 2.5 s
-  now and then (docs/BENCHMARKS.md, "Memory the OS takes back"). The cost: the process keeps
-  its peak memory until it exits. Returns True when set; PAT_JAX_KEEP_FREED_MEMORY=0 (or a
-  libc without mallopt, e.g. musl) leaves the allocator alone. Call early, before the threads
-  that will allocate (XLA's) start."""
-  if environ.get('PAT_JAX_KEEP_FREED_MEMORY', '1') == '0':
+  at batch 8). glibc serves blocks that large with mmap and unmaps them when freed (a thread's
+  arena cannot hold them), so every step page-faults ~0.8 GB back in: 196,000 minor faults per
+  step on the 2-core VM. One arena, no mmap and no trimming keep that memory: the paper pair's
+  step 5-11% faster (docs/BENCHMARKS.md, "Memory the OS takes back"). But one arena is one
+  lock for every thread's allocations: XLA's compiler threads and its executor threads then
+  wait for each other (~600,000-780,000 voluntary context switches against ~15,000-20,000),
+  so the paper pair compiles in 52 s instead of 36-40 s, and a small model's step, whose
+  buffers never reach mmap's size, gets slower (the digits demo's PAT step at batch 64:
+  0.142-0.155 s instead of 0.112-0.120 s). Hence opt-in: PAT_JAX_KEEP_FREED_MEMORY=1 for long
+  CPU runs of large models. The process then keeps its peak memory until it exits. Returns
+  True when set; False when not asked for or without glibc's mallopt (e.g. musl). Call early,
+  before the threads that will allocate (XLA's) start: a thread keeps the arena it first got,
+  so setting it after the first compile changes nothing (measured: 196,000 faults per step)."""
+  if environ.get('PAT_JAX_KEEP_FREED_MEMORY', '0') != '1':
     return False
   try:
     libc = libc or ctypes.CDLL('libc.so.6')

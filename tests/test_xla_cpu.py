@@ -41,24 +41,25 @@ def test_cpu_only_follows_jax_platforms():
   assert xla_cpu.cpu_only({})  # this test image has no accelerator plugin
 
 
-def test_keep_freed_memory_sets_glibc_and_can_be_turned_off():
+def test_keep_freed_memory_is_opt_in_and_sets_glibc():
   calls = []
 
   class FakeLibc:
     def mallopt(self, param, value):
       calls.append((param, value))
       return 1
-  assert xla_cpu.keep_freed_memory({}, FakeLibc())
-  assert calls == [(xla_cpu.M_ARENA_MAX, 1), (xla_cpu.M_MMAP_MAX, 0), (xla_cpu.M_TRIM_THRESHOLD, -1)]
+  # Opt-in: one arena slows compiling and small models' steps (lock contention).
+  assert not xla_cpu.keep_freed_memory({}, FakeLibc())
   assert not xla_cpu.keep_freed_memory({'PAT_JAX_KEEP_FREED_MEMORY': '0'}, FakeLibc())
-  assert len(calls) == 3
+  assert not calls
+  assert xla_cpu.keep_freed_memory({'PAT_JAX_KEEP_FREED_MEMORY': '1'}, FakeLibc())
+  assert calls == [(xla_cpu.M_ARENA_MAX, 1), (xla_cpu.M_MMAP_MAX, 0), (xla_cpu.M_TRIM_THRESHOLD, -1)]
 
 
 _REALLOCATE = '''
 import ctypes, resource, sys
 from pat_jax import xla_cpu
-if sys.argv[1] == '1':
-  assert xla_cpu.keep_freed_memory({})
+assert xla_cpu.keep_freed_memory({'PAT_JAX_KEEP_FREED_MEMORY': sys.argv[1]}) == (sys.argv[1] == '1')
 libc = ctypes.CDLL('libc.so.6')
 libc.malloc.restype = ctypes.c_void_p
 n = 256 << 20
