@@ -204,6 +204,28 @@ def test_shifted_depthwise_with_one_input_differentiated():
   assert any(leaf.shape == x.shape for leaf in jax.tree_util.tree_leaves(vjp))
 
 
+def test_shifted_depthwise_is_computed_once_for_all_its_readers():
+  """The LayerNorm after a ConvNeXt block's depthwise convolution reads its output three times
+  (mean, variance, normalisation). XLA:CPU had fused a copy of all k*k multiply-adds into each
+  reader (3 x 49 tap multiplies in the optimised HLO, which the named scope marks); now they sit
+  only in the two branches of the conditional that stores the sum (2 x 49, one branch runs)."""
+  x, kernel = _rand(0, (2, 9, 9, 4)), _rand(1, (7, 7, 1, 4))
+
+  def block(x, kernel, depthwise=kernels.shifted_depthwise):
+    with jax.named_scope('dw_taps'):
+      y = depthwise(x, kernel, 3)
+    mean = y.mean(-1, keepdims=True)
+    var = jnp.square(y).mean(-1, keepdims=True) - jnp.square(mean)
+    return (y - mean) * jax.lax.rsqrt(var + 1e-6)
+
+  hlo = jax.jit(block).lower(x, kernel).compile().as_text()
+  taps = sum(1 for line in hlo.splitlines() if ' multiply(' in line and 'dw_taps' in line)
+  assert 49 <= taps <= 2 * 49, f'{taps} tap multiplies in the compiled program'
+  with HIGHEST():
+    want = block(x, kernel, kernels.xla_depthwise)
+  np.testing.assert_allclose(jax.jit(block)(x, kernel), want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize('x_shape,k,stride,groups,features', [
     ((2, 5, 6, 8), 1, 1, 1, 12),     # 1x1
     ((2, 5, 6, 8), 1, 1, 4, 12),     # grouped 1x1 (the prompt's groups=4)

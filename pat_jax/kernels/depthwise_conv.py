@@ -29,6 +29,21 @@ def _shift_add(x, kernel, padding: int):
   return sum(xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0] for i in range(k) for j in range(k))
 
 
+def _shift_add_once(x, kernel, padding: int):
+  """`_shift_add`, computed once however many ops read its result.
+
+  XLA sees the k*k multiply-adds as cheap elementwise code and fuses a copy of them into every
+  consumer: in a ConvNeXt block the LayerNorm's mean, its variance and its normalisation each
+  recomputed the whole convolution (three, four where the output is also saved for the
+  backward pass; `jax.lax.optimization_barrier` does not stop it: XLA:CPU removes barriers
+  before fusing). A conditional's branch is a fusion boundary, so the sum runs once and is
+  stored. Both branches are the same function (the predicate is false only for a NaN kernel
+  entry), so the result is the same either way."""
+  first = kernel.reshape(-1)[0]
+  fn = lambda x, kernel: _shift_add(x, kernel, padding)  # pylint: disable=unnecessary-lambda-assignment
+  return jax.lax.cond(first == first, fn, fn, x, kernel)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def shifted_depthwise(x, kernel, padding: int):
   """Depthwise convolution as k*k shifted multiply-adds, with its own gradient rule.
@@ -39,7 +54,7 @@ def shifted_depthwise(x, kernel, padding: int):
   of `xla_depthwise`): one reduction per tap made XLA:CPU materialise all k*k products. XLA
   drops it where the kernel is not differentiated, as for the frozen teacher.
   """
-  return _shift_add(x, kernel, padding)
+  return _shift_add_once(x, kernel, padding)
 
 
 def _shifted_depthwise_fwd(x, kernel, padding):
@@ -49,7 +64,7 @@ def _shifted_depthwise_fwd(x, kernel, padding):
   keep_x = kernel.perturbed
   x, kernel = x.value, kernel.value
   saved = x if keep_x else jnp.zeros((0,), x.dtype)  # empty: x's dtype alone
-  return _shift_add(x, kernel, padding), (saved, kernel)
+  return _shift_add_once(x, kernel, padding), (saved, kernel)
 
 
 def _shifted_depthwise_bwd(padding, res, g):
