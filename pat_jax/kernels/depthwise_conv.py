@@ -40,7 +40,7 @@ def _shift_add_once(x, kernel, padding: int):
   stored. Both branches are the same function (the predicate is false only for a NaN kernel
   entry), so the result is the same either way."""
   first = kernel.reshape(-1)[0]
-  fn = lambda x, kernel: _shift_add(x, kernel, padding)  # pylint: disable=unnecessary-lambda-assignment
+  fn = functools.partial(_shift_add, padding=padding)
   return jax.lax.cond(first == first, fn, fn, x, kernel)
 
 
