@@ -532,3 +532,48 @@ def test_eval_resize_crop_of_photo_sizes_matches_pil(h, w):
   top, left = int(round((nh - 224) / 2)), int(round((nw - 224) / 2))
   out = augment.eval_resize_crop(tf.constant(img), 224, 0.875).numpy()
   np.testing.assert_array_equal(out, ref[top:top + 224, left:left + 224])
+
+
+def test_pillow_in_the_graph_equals_the_tf_ops():
+  """dataset.resize_with='pillow' (Pillow called from the graph) and the TF ops give the same
+  crops, resizes and flips from the same draws: photo-sized and tiny sources, up- and
+  downsampling, both pass orders (tall crops reduce the height first), traced with unknown
+  sizes as in the input pipeline."""
+  rng = np.random.default_rng(8)
+  spec = [tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([2], tf.int64),
+          tf.TensorSpec([2], tf.int64)]
+  for (h, w), size in (((375, 500), 224), ((97, 61), 40), ((13, 300), 24), ((9, 7), 16)):
+    img = _test_image(h, w, seed=int(rng.integers(100)))
+    paths = [tf.function(lambda x, k, f, r=r: augment.crop_resize_flip(
+        x, k, f, size, (0.08, 1.0), (3 / 4, 4 / 3), 'random', 0.5, resizer=r),
+        input_signature=spec, autograph=False) for r in (None, 'pillow')]
+    for i in range(6):
+      keys = (tf.constant([h, i], tf.int64), tf.constant([w, i], tf.int64))
+      tf_ops, pil = (p(tf.constant(img), *keys).numpy() for p in paths)
+      np.testing.assert_array_equal(pil, tf_ops, err_msg=f'{h}x{w} -> {size}, key {i}')
+
+
+@pytest.mark.parametrize('h,w,interpolation', [(375, 500, 'bilinear'), (333, 500, 'bicubic'),
+                                               (31, 17, 'bilinear')])
+def test_pillow_eval_resize_crop_equals_the_tf_ops(h, w, interpolation):
+  img = np.random.default_rng(9).integers(0, 256, (h, w, 3), dtype=np.uint8)
+  size = 224 if h > 100 else 12
+  out = [augment.eval_resize_crop(tf.constant(img), size, 0.875, interpolation, p).numpy()
+         for p in (False, True)]
+  np.testing.assert_array_equal(out[1], out[0])
+
+
+def test_resize_with_picks_the_form_and_names_bad_values():
+  import ml_collections
+  from pat_jax import errors
+  ds = ml_collections.ConfigDict({'resize_with': 'auto'})
+  assert augment.resize_with(ds, (32, 32), 224) == 'tables'  # CIFAR: precomputed tables
+  assert augment.resize_with(ds, None, 224) == 'pillow'  # image folders, JPEGs
+  ds.resize_with = 'tf'
+  assert augment.resize_with(ds, (32, 32), 224) == 'tables'
+  assert augment.resize_with(ds, None, 224) == 'tf'
+  ds.resize_with = 'pillow'
+  assert augment.resize_with(ds, (32, 32), 224) == 'pillow'
+  ds.resize_with = 'opencv'
+  with pytest.raises(errors.ConfigError, match=r"resize_with='opencv'.*'pillow'"):
+    augment.resize_with(ds, None, 224)

@@ -138,3 +138,36 @@ def test_missing_or_empty_folders_fail_with_the_layout(tmp_path):
   os.makedirs(tmp_path / 'train' / 'cls')
   with pytest.raises(data.DatasetNotPreparedError, match='No images found'):
     data.get_info(make_config(f'folder:{tmp_path}'))
+
+
+def test_pillow_and_tf_resizers_give_the_same_batches(folder):
+  """A folder of varied sizes (10-29 px, to 12 and 20: up- and downsampling) through the whole
+  pipeline: dataset.resize_with 'auto' (Pillow here), 'pillow' and 'tf' give equal batches,
+  training and eval."""
+  root, _ = folder
+  for size in (12, 20):
+    out = {}
+    for mode in ('auto', 'pillow', 'tf'):
+      config = make_config(f'folder:{root}', image_size=size, recipe='cnn', resize_with=mode)
+      train = pipeline.train_iterator(config, batch_size=4)
+      out[mode] = [next(train)['image'] for _ in range(3)]
+      out[mode] += [b['image'] for b in data.eval_iterator(config, batch_size=4)]
+    for mode in ('auto', 'pillow'):
+      for got, want in zip(out[mode], out['tf']):
+        np.testing.assert_array_equal(got, want, err_msg=f'{mode} {size}')
+
+
+def test_data_bench_reads_a_folder_with_either_resizer(folder, capsys):
+  """`python -m pat_jax.data.bench --source folder:ROOT --resize-with ...` times the pipeline
+  and reports its options and rates as one JSON line."""
+  import json
+  from pat_jax.data import bench
+  root, _ = folder
+  for mode in ('pillow', 'tf'):
+    bench.main(['--source', f'folder:{root}', '--recipe', 'cnn', '--image-size', '12',
+                '--batch', '4', '--seconds', '0.5', '--workers', '1', '--transfer', 'uint8',
+                '--resize-with', mode, '--json'])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result['resize_with'] == mode and result['transfer'] == 'uint8'
+    assert result['source'] == f'folder:{root}'
+    assert result['pat_jax_img_per_s'] > 0 and result['img_per_cpu_s'] > 0

@@ -4,12 +4,18 @@ Every random draw is a `tf.random.stateless_*` call on an explicit key, so an au
 a pure function of (seed, epoch, example index) and the stream does not depend on thread
 scheduling. Keys are int64 vectors of shape [2] (TF's stateless seed format).
 
-Resizing re-implements Pillow's resampler exactly (see `resize`); the crop box sampling is
-timm's `RandomResizedCropAndInterpolation.get_params` with stateless draws.
+Resizing is Pillow's resampler, bit for bit, in one of two forms (`dataset.resize_with`): Pillow
+itself inside the graph (`pillow_crop_resize_flip`), or a re-implementation in TF ops (`resize`,
+`CropResizer`); the crop box sampling is timm's `RandomResizedCropAndInterpolation.get_params`
+with stateless draws.
 """
 import math
 
+import numpy as np
+from PIL import Image
 import tensorflow as tf
+
+from pat_jax import errors
 
 
 def fold_in(key, *data):
@@ -288,12 +294,54 @@ class CropResizer:
     return tf.ensure_shape(out, (self.size, self.size, image.shape[-1]))
 
 
+RESIZE_WITH = ('auto', 'pillow', 'tf')
+_PIL_FILTERS = (Image.BILINEAR, Image.BICUBIC)  # in METHODS' order
+
+
+def resize_with(dataset_config, static_shape, size):
+  """dataset.resize_with -> 'pillow', 'tf' or 'tables' (a `CropResizer` for the source's shape).
+
+  'auto' takes the faster exact form: the tables where the source has one fixed (H, W) small
+  enough for them (CIFAR, digits), else Pillow (image folders, JPEGs of any size), which runs
+  1.6-1.8x the images per CPU-second of the TF ops there (docs/BENCHMARKS.md, input pipeline).
+  'tf' keeps every step in TF ops (no Python in the graph; Pillow 13.0's result whatever Pillow
+  is installed); 'pillow' calls the installed Pillow, as timm does."""
+  mode = dataset_config.get('resize_with', 'auto') or 'auto'
+  if mode not in RESIZE_WITH:
+    raise errors.ConfigError(f'dataset.resize_with={mode!r}: use one of {RESIZE_WITH}.')
+  if mode == 'pillow':
+    return 'pillow'
+  if static_shape is not None and CropResizer.fits(static_shape[0], static_shape[1], size):
+    return 'tables'
+  return 'pillow' if mode == 'auto' else 'tf'
+
+
+def _pillow_resize(image, top, left, h, w, out_h, out_w, method_index):
+  """numpy uint8 crop [top, top + h) x [left, left + w) of `image`, then Pillow's resize."""
+  crop = Image.fromarray(np.ascontiguousarray(image[top:top + h, left:left + w]))
+  return np.asarray(crop.resize((int(out_w), int(out_h)), _PIL_FILTERS[method_index]))
+
+
+def pillow_crop_resize_flip(image, top, left, h, w, method_index, flip, size):
+  """The crop, Pillow's resize to (size, size) and the flip of a uint8 (H, W, C) image, inside
+  the graph: timm's own computation (torchvision crops, then resizes: a resize `box` would read
+  pixels outside the crop at its border). Pillow releases the GIL while it resamples, so
+  tf.data's threads run in parallel; the Python around it holds the GIL ~0.1 ms per image."""
+  def fn(image, top, left, h, w, method_index, flip):
+    out = _pillow_resize(image, top, left, h, w, size, size, method_index)
+    return np.ascontiguousarray(out[:, ::-1]) if flip else out
+  out = tf.numpy_function(fn, [image, top, left, h, w, method_index, flip], tf.uint8,
+                          stateful=False)
+  return tf.ensure_shape(out, (size, size, image.shape[-1]))
+
+
 def crop_resize_flip(image, key, flip_key, size, scale, ratio, interpolation, hflip,
                      random_crop=True, resizer=None):
   """`random_resized_crop` (or a plain resize) then `random_flip`, with the same draws.
 
-  With a `CropResizer` for the source's shape, the crop, resize and flip are table lookups and
-  two banded matmuls; otherwise the per-image path below.
+  resizer: a `CropResizer` for the source's shape (the crop, resize and flip are table lookups
+  and two banded matmuls), 'pillow' (`pillow_crop_resize_flip`), or None (the per-image TF ops
+  below); all three give the same pixels.
   interpolation: 'bilinear', 'bicubic' or 'random' (per image); hflip: flip probability.
   """
   k_box, k_interp = split(key, 2)
@@ -309,6 +357,8 @@ def crop_resize_flip(image, key, flip_key, size, scale, ratio, interpolation, hf
   else:
     method_index = tf.constant(METHODS.index(interpolation), tf.int32)
   flip = uniform(flip_key) < hflip if hflip > 0 else tf.constant(False)
+  if resizer == 'pillow':
+    return pillow_crop_resize_flip(image, top, left, h, w, method_index, flip, size)
   if resizer is not None:
     return resizer(image, top, left, h, w, method_index, flip)
   crop = image[top:top + h, left:left + w]
@@ -340,8 +390,10 @@ def random_flip(image, key, prob):
   return tf.cond(uniform(key) < prob, lambda: image[:, ::-1], lambda: image)
 
 
-def eval_resize_crop(image, size, crop_pct, interpolation='bilinear'):
-  """timm eval: Resize(floor(size / crop_pct)) on the shorter side, then CenterCrop(size)."""
+def eval_resize_crop(image, size, crop_pct, interpolation='bilinear', with_pillow=False):
+  """timm eval: Resize(floor(size / crop_pct)) on the shorter side, then CenterCrop(size).
+  with_pillow: the resize by Pillow itself (the whole resized image, then the crop), as timm;
+  else in TF ops, computing only the kept pixels. The same pixels either way."""
   scale_size = int(math.floor(size / crop_pct))
   shape = tf.shape(image)
   h, w = shape[0], shape[1]
@@ -354,6 +406,13 @@ def eval_resize_crop(image, size, crop_pct, interpolation='bilinear'):
   # torchvision CenterCrop: int(round((H - size) / 2)).
   top = tf.cast(tf.round(tf.cast(new_h - size, tf.float64) / 2.0), tf.int32)
   left = tf.cast(tf.round(tf.cast(new_w - size, tf.float64) / 2.0), tf.int32)
+  if with_pillow:
+    def fn(image, new_h, new_w, top, left):
+      out = _pillow_resize(image, 0, 0, image.shape[0], image.shape[1], new_h, new_w,
+                           METHODS.index(interpolation))
+      return np.ascontiguousarray(out[top:top + size, left:left + size])
+    out = tf.numpy_function(fn, [image, new_h, new_w, top, left], tf.uint8, stateful=False)
+    return tf.ensure_shape(out, (size, size, 3))
   # Resize and crop in one: only the kept output pixels are computed (exact, see _pass_tables).
   out = _resize_crop(image, tf.stack([new_h, new_w]), interpolation, top, left, (size, size))
   return tf.ensure_shape(out, (size, size, 3))

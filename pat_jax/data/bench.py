@@ -17,7 +17,8 @@ The JSON has img/s and img/s per worker thread (`img_per_s_per_worker` = pat_jax
 workers), and `img_per_cpu_s`, images per second of CPU time the process used (all its threads)
 while timed: on a shared machine the wall rate depends on the others' load, the CPU cost less.
 `--transfer uint8` times what a GPU/TPU host does by default (the batch-level steps move to the
-accelerator); the default here is the CPU's 'float32'.
+accelerator); the default here is the CPU's 'float32'. `--resize-with` sets dataset.resize_with
+(default 'auto': TF's tables for the in-memory source, Pillow for folders).
 Cores one accelerator needs at R img/s: R / img_per_s_per_worker (or R / img_per_cpu_s).
 
 Both sides read the same source and use the same number of workers: tf.data gets a private
@@ -85,7 +86,8 @@ def _time(batches, batch, seconds, warmup=2):
   return n / wall, n / max(cpu, 1e-9)
 
 
-def bench_pat_jax(recipe, image_size, batch, seconds, workers, source=None, transfer=None):
+def bench_pat_jax(recipe, image_size, batch, seconds, workers, source=None, transfer=None,
+                  resize_with=None):
   """(img/s, img per CPU-second) of data.train_iterator; source None: the in-memory 32x32."""
   import ml_collections
   from pat_jax import data
@@ -101,6 +103,8 @@ def bench_pat_jax(recipe, image_size, batch, seconds, workers, source=None, tran
   config.dataset.threads = workers
   if transfer:  # else the pipeline's default ('auto': 'float32' on CPU, 'uint8' on GPU/TPU)
     config.dataset.transfer = transfer
+  if resize_with:
+    config.dataset.resize_with = resize_with
   config.aug = data.vit_recipe() if recipe == 'vit' else data.cnn_recipe()
   return _time(data.train_iterator(config, batch_size=batch), batch, seconds)
 
@@ -212,6 +216,8 @@ def main(argv=None):
   p.add_argument('--transfer', choices=['float32', 'uint8'], default=None,
                  help="dataset.transfer (default 'auto'); uint8 leaves mixup, normalisation and "
                       'erasing to the accelerator, as a GPU/TPU run does')
+  p.add_argument('--resize-with', choices=['auto', 'pillow', 'tf'], default=None,
+                 help="dataset.resize_with (default 'auto'): who does Pillow's resize")
   p.add_argument('--json', action='store_true')
   args = p.parse_args(argv)
   if args.make_jpegs and args.source:
@@ -233,10 +239,12 @@ def main(argv=None):
     result['source'] = args.source
   if args.transfer:
     result['transfer'] = args.transfer
+  if args.resize_with:
+    result['resize_with'] = args.resize_with
   if args.timm:
     result['timm_img_per_s'] = round(_timm_in_subprocess(args), 1)
   rate, per_cpu_s = bench_pat_jax(args.recipe, args.image_size, args.batch, args.seconds,
-                                  args.workers, args.source, args.transfer)
+                                  args.workers, args.source, args.transfer, args.resize_with)
   result['pat_jax_img_per_s'] = round(rate, 1)
   result['img_per_s_per_worker'] = round(rate / args.workers, 1)
   result['img_per_cpu_s'] = round(per_cpu_s, 1)

@@ -112,9 +112,11 @@ def _example_fn(config, lookup):
   aug, size = config.aug, config.dataset.image_size
   root = _root_key(config.seed, _EXAMPLE)
   shape = getattr(lookup, 'static_shape', None)
-  resizer = None
-  if shape is not None and augment.CropResizer.fits(shape[0], shape[1], size):
+  resizer = augment.resize_with(config.dataset, shape, size)  # 'pillow', 'tables' or 'tf'
+  if resizer == 'tables':
     resizer = augment.CropResizer(shape[0], shape[1], size)
+  elif resizer == 'tf':
+    resizer = None  # augment's per-image TF ops
 
   @tf.autograph.experimental.do_not_convert  # plain Python control flow on static config
   def fn(epoch, index):
@@ -264,11 +266,13 @@ def eval_dataset(config, batch_size, process_index=0, process_count=1,
   num_examples, _, lookup = sources.make_lookup(ds_cfg, ds_cfg.eval_split)
   start, end = host_range(num_examples, process_index, process_count)
   uint8 = on_device.resolve_transfer(ds_cfg) == 'uint8'  # then normalised in the eval step
+  with_pillow = augment.resize_with(ds_cfg, getattr(lookup, 'static_shape', None),
+                                    size) == 'pillow'
 
   def fn(index):
     image, label = lookup(index)
     image = augment.eval_resize_crop(image, size, ds_cfg.eval_crop_pct,
-                                     ds_cfg.get('eval_interpolation', 'bilinear'))
+                                     ds_cfg.get('eval_interpolation', 'bilinear'), with_pillow)
     x = image if uint8 else augment.normalize(image, ds_cfg.mean, ds_cfg.std)
     return {'image': x, 'label': label, 'mask': tf.constant(True), '_index': index}
 

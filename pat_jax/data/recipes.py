@@ -58,6 +58,10 @@ def default_config() -> ml_collections.ConfigDict:
   # 'uint8' (the host stops after RandAugment; data/on_device.py does the rest on the
   # accelerator), 'auto' = 'uint8' on GPU/TPU, 'float32' on CPU (on_device.resolve_transfer).
   c.transfer = 'auto'
+  # Who resizes (Pillow's pixels, bit for bit, either way; augment.resize_with): 'pillow' (the
+  # installed Pillow, called from the graph), 'tf' (TF ops only), 'auto' = TF's precomputed
+  # tables for fixed-shape sources (CIFAR), Pillow for image folders and JPEGs (faster there).
+  c.resize_with = 'auto'
   return c
 
 
