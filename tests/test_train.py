@@ -29,7 +29,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
+  """The digits, built here: runs started at once must not all build them into one folder."""
+  from pat_jax.data import digits
+  path = str(tmp_path_factory.mktemp('tfds'))
+  digits.prepare(path)
+  return path
 
 
 @pytest.fixture(scope='module')
@@ -183,25 +187,17 @@ def _wait_for_step(wd, step, proc, timeout=600):
     time.sleep(0.2)
 
 
-@pytest.fixture(scope='module')
-def pat_reference(data_dir, teacher_dir, tmp_path_factory):
-  """An uninterrupted 8-step PAT run on the digits (the reference for the resume tests)."""
-  wd = str(tmp_path_factory.mktemp('pat_ref') / 'run')
-  proc = _launch(_flags('configs/digits_demo.py', wd, data_dir, teacher_dir))
-  assert proc.wait(timeout=900) == 0, proc.output()[-3000:]
-  return wd
-
-
 @pytest.mark.parametrize('sig', [signal.SIGTERM])
-def test_killed_pat_run_resumes_to_the_same_parameters(data_dir, teacher_dir, pat_reference,
-                                                        tmp_path, sig):
-  """PAT (feedback state, method BatchNorm, EMA, optimizer) resumed mid-run ends bit-equal.
+def test_killed_pat_run_resumes_to_the_same_parameters(data_dir, teacher_dir, tmp_path, sig):
+  """PAT (feedback state, method BatchNorm, EMA, optimizer) resumed mid-run ends bit-equal to an
+  uninterrupted 8-step run (started alongside: on 2 cores the two overlap their start-ups).
 
   SIGTERM (preemption notice) here; a SIGKILL at any point of a save, and the replay of the
   steps after the last checkpoint, are tests/test_faults.py's (a supervised run, which restores
   through the same code; PAT's own state is what this test adds)."""
   cfg = 'configs/digits_demo.py'
-  wd = str(tmp_path / 'killed')
+  reference, wd = str(tmp_path / 'reference'), str(tmp_path / 'killed')
+  uninterrupted = _launch(_flags(cfg, reference, data_dir, teacher_dir))
   proc = _launch(_flags(cfg, wd, data_dir, teacher_dir))
   _wait_for_step(wd, 4, proc)
   proc.send_signal(sig)
@@ -215,8 +211,9 @@ def test_killed_pat_run_resumes_to_the_same_parameters(data_dir, teacher_dir, pa
   out = proc.output()
   assert code == 0, out[-3000:]
   assert 'Resumed from' in out
+  assert uninterrupted.wait(timeout=900) == 0, uninterrupted.output()[-3000:]
   for item in ('variables', 'ema'):
-    _assert_trees_equal(_final(pat_reference, item), _final(wd, item))
+    _assert_trees_equal(_final(reference, item), _final(wd, item))
 
 
 def test_missing_teacher_says_how_to_get_one(data_dir, tmp_path):
@@ -288,79 +285,74 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_one_step(data_dir, tmp_pa
   """jax.distributed on localhost, 2 processes x 1 CPU device, and a preemption notice to one of
   them: JAX's preemption sync makes both save the same step and exit 0 (log_every_steps=40: the
   decision does not wait for a logging step); the restarted pair resumes there and ends where
-  1 process x 2 devices ends."""
+  1 process x 2 devices ends. Then --mode=eval and KD from a teacher checkpoint on the pair.
+
+  The 11 runs go in three waves of independent ones (each run spends much of its time starting
+  up and waiting on its partner, so on 2 cores a wave takes about as long as its slowest run)."""
   common = [f'--config={REPO}/configs/digits_demo.py:none', f'--config.dataset.data_dir={data_dir}',
             '--config.total_steps=40', '--config.log_every_steps=40', '--config.eval_every_steps=40',
             '--config.checkpoint_every_steps=4', '--config.batch_size=16', '--config.teacher.name=',
             '--config.aug.mixup=0', '--config.aug.cutmix=0', '--config.aug.reprob=0',
             '--config.aug.randaugment=']
-  one = str(tmp_path / 'one')
-  proc = _launch(common + [f'--workdir={one}'])
-  assert proc.wait(timeout=900) == 0, proc.output()[-3000:]
-
-  two = str(tmp_path / 'two')
+  one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
   env = {'XLA_FLAGS': xla_flags.flags(1)}
 
-  def start_pair():
+  def pair(args):
     port = _free_port()
-    return [_launch(common + [f'--workdir={two}', f'--coordinator_address=127.0.0.1:{port}',
-                              '--num_processes=2', f'--process_id={i}'], env) for i in range(2)]
-  procs = start_pair()
+    return [_launch(args + [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                            f'--process_id={i}'], env) for i in range(2)]
+
+  def finish(procs, timeout=900):
+    for p in procs:
+      assert p.wait(timeout=timeout) == 0, p.output()[-3000:]
+
+  # Wave 1: the 1-process reference run, and the pair that one preemption notice stops.
+  single = _launch(common + [f'--workdir={one}'])
+  procs = pair(common + [f'--workdir={two}'])
   _wait_for_step(two, 4, procs[0])
   procs[1].send_signal(signal.SIGTERM)  # only the second host is told
-  for p in procs:
-    assert p.wait(timeout=300) == 0, p.output()[-3000:]
+  finish(procs, timeout=300)
   stops = [re.search(r'Preempted at step (\d+)', p.output()) for p in procs]
   assert all(stops), [p.output()[-2000:] for p in procs]
   assert stops[0].group(1) == stops[1].group(1)
   stop = int(stops[0].group(1))
   assert stop < 40 and os.path.isdir(os.path.join(two, 'checkpoints', str(stop)))
+  finish([single])
 
-  procs = start_pair()
-  for p in procs:
-    assert p.wait(timeout=900) == 0, p.output()[-3000:]
-    assert 'Resumed from' in p.output()
+  # Wave 2: the pair resumes; 1-process eval and KD runs (the references of wave 3) read `one`.
+  # --mode=eval: each process reads the checkpoint onto the global mesh itself (no cross-host
+  # device transfer); the JSON line comes once, equal to a 1-process evaluation.
+  ev = common[:2] + ['--mode=eval', f'--checkpoint={one}']
+  # KD from a teacher checkpoint, the student started from model.init_checkpoint (both the run
+  # above's student): each process restores them onto the global mesh; the losses equal
+  # 1 process x 2 devices.
+  kd = [f'--config={REPO}/configs/digits_demo.py:kd', f'--config.dataset.data_dir={data_dir}',
+        '--config.total_steps=6', '--config.log_every_steps=2', '--config.eval_every_steps=6',
+        '--config.batch_size=16', '--config.teacher.name=mini_deit', '--config.teacher.min_top1=0',
+        f'--config.teacher.checkpoint={one}/checkpoints',
+        f'--config.model.init_checkpoint={one}/checkpoints'] + common[-4:]
+  resumed = pair(common + [f'--workdir={two}'])
+  singles = [_launch(ev), _launch(kd + [f'--workdir={tmp_path}/kd1'])]
+  finish(resumed + singles)
+  assert all('Resumed from' in p.output() for p in resumed)
   l1 = [m['train_loss'] for m in _metrics(one) if 'train_loss' in m]
   l2 = [m['train_loss'] for m in _metrics(two) if 'train_loss' in m]
   np.testing.assert_allclose(l1, l2, atol=1e-5)
   for x, y in zip(jax.tree_util.tree_leaves(_final(one)), jax.tree_util.tree_leaves(_final(two))):
     np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-5, atol=1e-5)
 
-  # --mode=eval on both processes: each reads the checkpoint onto the global mesh itself (no
-  # cross-host device transfer); the JSON line comes once, equal to a 1-process evaluation.
-  ev = common[:2] + ['--mode=eval', f'--checkpoint={one}']
-  single = _launch(ev)
-  assert single.wait(timeout=600) == 0, single.output()[-3000:]
-  port = _free_port()
-  pair = [_launch(ev + [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-                        f'--process_id={i}'], env) for i in range(2)]
-  for p in pair:
-    assert p.wait(timeout=600) == 0, p.output()[-3000:]
+  # Wave 3: eval and KD on the pair.
+  eval_pair, kd_pair = pair(ev), pair(kd + [f'--workdir={tmp_path}/kd2'])
+  finish(eval_pair + kd_pair)
   lines = [[json.loads(l) for l in p.output().splitlines() if l.startswith('{"top1"')]
-           for p in [single] + pair]
+           for p in [singles[0]] + eval_pair]
   assert len(lines[0]) == 1 and len(lines[1]) == 1 and not lines[2], lines
   assert lines[1] == lines[0] and lines[0][0]['num_examples'] == 297
-
-  # KD from a teacher checkpoint, the student started from model.init_checkpoint (both the run
-  # above's student), on both processes: each process restores them onto the global mesh; the
-  # losses equal 1 process x 2 devices.
-  kd = [f'--config={REPO}/configs/digits_demo.py:kd', f'--config.dataset.data_dir={data_dir}',
-        '--config.total_steps=6', '--config.log_every_steps=2', '--config.eval_every_steps=6',
-        '--config.batch_size=16', '--config.teacher.name=mini_deit', '--config.teacher.min_top1=0',
-        f'--config.teacher.checkpoint={one}/checkpoints',
-        f'--config.model.init_checkpoint={one}/checkpoints'] + common[-4:]
-  single = _launch(kd + [f'--workdir={tmp_path}/kd1'])
-  assert single.wait(timeout=900) == 0, single.output()[-3000:]
-  port = _free_port()
-  pair = [_launch(kd + [f'--workdir={tmp_path}/kd2', f'--coordinator_address=127.0.0.1:{port}',
-                        '--num_processes=2', f'--process_id={i}'], env) for i in range(2)]
-  for p in pair:
-    assert p.wait(timeout=900) == 0, p.output()[-3000:]
   rows = [[m for m in _metrics(str(tmp_path / d)) if 'loss_kd' in m] for d in ('kd1', 'kd2')]
   assert [m['step'] for m in rows[0]] == [2, 4, 6] == [m['step'] for m in rows[1]]
   for key in ('loss_kd', 'train_loss'):
     np.testing.assert_allclose([m[key] for m in rows[0]], [m[key] for m in rows[1]], atol=1e-5)
-  assert all('Initialised the student from' in p.output() for p in [single] + pair)
+  assert all('Initialised the student from' in p.output() for p in [singles[1]] + kd_pair)
 
 
 def test_processes_that_do_not_share_the_workdir_stop(tmp_path):
