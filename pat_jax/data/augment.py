@@ -326,7 +326,7 @@ def pillow_crop_resize_flip(image, top, left, h, w, method_index, flip, size):
   """The crop, Pillow's resize to (size, size) and the flip of a uint8 (H, W, C) image, inside
   the graph: timm's own computation (torchvision crops, then resizes: a resize `box` would read
   pixels outside the crop at its border). Pillow releases the GIL while it resamples, so
-  tf.data's threads run in parallel; the Python around it holds the GIL ~0.1 ms per image."""
+  tf.data's threads run in parallel (only the array conversions around it hold the GIL)."""
   def fn(image, top, left, h, w, method_index, flip):
     out = _pillow_resize(image, top, left, h, w, size, size, method_index)
     return np.ascontiguousarray(out[:, ::-1]) if flip else out
