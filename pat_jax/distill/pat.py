@@ -174,8 +174,8 @@ class PAT(base.Method):
     (`PromptBlock(feedback_valid=...)`), and the fusion branch's BatchNorm statistics keep
     their old values there, so the first step equals the feedback-free computation
     (tests/test_pat.py). Python True: that feedback-free computation itself. (A run-time
-    branch over more of the step had made the CPU step 20x slower, 2026-11-27; the branch
-    here holds only the prompt branch's few small ops, and the step time is unchanged.)"""
+    branch over more of the step had made the CPU step 20x slower; the branch here holds
+    only the prompt branch's few small ops, and the step costs the same: docs/BENCHMARKS.md.)"""
     if not hasattr(self, 'net'):
       raise RuntimeError('PAT.init must run (or be traced) before the first step: it measures the '
                          'stage shapes that size the PAT modules.')
