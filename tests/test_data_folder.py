@@ -1,5 +1,6 @@
 """Image folders ('folder:<root>') are read per example: the split holds file paths, a host reads
 only the files of its own indices, and the batches are those of the encoded bytes held in memory."""
+import io
 import os
 
 import ml_collections
@@ -81,11 +82,32 @@ def test_lookup_reads_and_decodes_each_file(folder):
   assert (n, num_classes, lookup.static_shape) == (9, 3, None)
   for i, (path, label) in enumerate(files['test']):
     image, got_label = lookup(tf.constant(i, tf.int64))
-    want = tf.io.decode_image(open(path, 'rb').read(), channels=3).numpy()
-    np.testing.assert_array_equal(image.numpy(), want)
-    if path.endswith('.png'):  # lossless: also what PIL decodes
-      np.testing.assert_array_equal(image.numpy(), np.asarray(Image.open(path).convert('RGB')))
+    # What timm's loader sees (PIL), JPEGs included (libjpeg's accurate IDCT, sources.decode).
+    np.testing.assert_array_equal(image.numpy(), np.asarray(Image.open(path).convert('RGB')))
     assert int(got_label) == label
+
+
+def test_jpegs_decode_as_pillow_decodes_them():
+  """Chroma subsampling 4:4:4 / 4:2:2 / 4:2:0, baseline and progressive, RGB, greyscale and
+  CMYK files: sources.decode gives Pillow's `.convert('RGB')` pixels bit for bit (TF's default
+  fast IDCT did not: checked here too, so that this test keeps meaning something)."""
+  rng = np.random.default_rng(2)
+  base = np.asarray(Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8))
+                    .resize((61, 45), Image.BICUBIC))
+  base = np.clip(base.astype(int) + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8)
+  fast_differs = False
+  for mode in ('RGB', 'L', 'CMYK'):
+    for subsampling in (0, 1, 2):
+      for progressive in (False, True):
+        buf = io.BytesIO()
+        Image.fromarray(base).convert(mode).save(buf, 'JPEG', quality=85, subsampling=subsampling,
+                                                 progressive=progressive)
+        want = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert('RGB'))
+        got = sources.decode(tf.constant(buf.getvalue())).numpy()
+        np.testing.assert_array_equal(got, want, err_msg=f'{mode} {subsampling} {progressive}')
+        fast = tf.io.decode_image(buf.getvalue(), channels=3).numpy()
+        fast_differs |= not np.array_equal(fast, want)
+  assert fast_differs
 
 
 def test_batches_equal_the_in_memory_bytes(folder):
