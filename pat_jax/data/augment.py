@@ -303,7 +303,7 @@ def resize_with(dataset_config, static_shape, size):
 
   'auto' takes the faster exact form: the tables where the source has one fixed (H, W) small
   enough for them (CIFAR, digits), else Pillow (image folders, JPEGs of any size), which runs
-  1.6-1.8x the images per CPU-second of the TF ops there (docs/BENCHMARKS.md, input pipeline).
+  1.3-1.7x the images per CPU-second of the TF ops there (docs/BENCHMARKS.md, input pipeline).
   'tf' keeps every step in TF ops (no Python in the graph; Pillow 13.0's result whatever Pillow
   is installed); 'pillow' calls the installed Pillow, as timm does."""
   mode = dataset_config.get('resize_with', 'auto') or 'auto'
