@@ -8,6 +8,9 @@ import os
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+if __name__ == '__main__':  # on CPU, start again with huge pages before the imports below
+  from pat_jax import xla_cpu as _xla_cpu  # pylint: disable=g-import-not-at-top
+  _xla_cpu.reexec_with_huge_pages()
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags

@@ -17,6 +17,14 @@ glibc and PAT_JAX_KEEP_FREED_MEMORY=1: `keep_freed_memory`, so that XLA:CPU's pe
 (over 1 GB for the paper pair's PAT step) are not page-faulted in again on every step. Opt-in:
 its one arena makes threads wait for each other's allocations (see keep_freed_memory).
 
+And in a CPU-only process where the kernel gives transparent huge pages on request (its mode
+`madvise`) and glibc is 2.35 or later: `reexec_with_huge_pages`, called first by the entry
+points' `__main__`, starts the process again with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so
+that glibc asks for huge pages for its large blocks: 2 MB pages instead of 4 kB ones, so
+XLA:CPU's per-step buffers fault in with a fraction of the faults and the paper pair's step is
+faster (measured: docs/BENCHMARKS.md, "Memory the OS takes back"). PAT_JAX_HUGE_PAGES=0
+turns it off.
+
 The flags only affect the CPU backend (they are set before the backend is known; the other
 CPU-only forms are chosen per backend in `pat_jax.kernels`). PAT_JAX_XLA_CPU_FLAGS=0 leaves
 XLA_FLAGS alone; a flag already in XLA_FLAGS is not overridden.
@@ -24,6 +32,7 @@ XLA_FLAGS alone; a flag already in XLA_FLAGS is not overridden.
 import ctypes
 import importlib.metadata
 import os
+import sys
 
 FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=individual_dot',)
 REMAT_FLAGS = ('--xla_cpu_enable_concurrency_optimized_scheduler=false',)
@@ -93,3 +102,50 @@ def keep_freed_memory(environ=os.environ, libc=None):
   # Each call returns 1 on success; -1 for the trim threshold is the largest size_t: never.
   return all(mallopt(param, value) == 1
              for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)))
+
+
+HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
+_THP_MODE = '/sys/kernel/mm/transparent_hugepage/enabled'
+
+
+def huge_pages_env(environ=os.environ, thp_mode=_THP_MODE, libc_version=None):
+  """The environment to start this process again with so that glibc backs its large blocks
+  with transparent huge pages; None where that would change nothing or is not wanted.
+
+  glibc reads GLIBC_TUNABLES once, when a process starts (mallopt has no such setting), hence
+  a new start. Nothing to gain where the kernel's mode is `always` (huge pages already) or
+  `never`, where glibc is older than 2.35 (no such tunable) or not glibc, on an accelerator
+  (its buffers are not in host memory), or where the tunable is already set (so the new
+  process does not start again)."""
+  if environ.get('PAT_JAX_HUGE_PAGES', '1') == '0':
+    return None
+  tunables = environ.get('GLIBC_TUNABLES', '')
+  if 'glibc.malloc.hugetlb' in tunables or not cpu_only(environ):
+    return None
+  try:
+    if libc_version is None:
+      libc_version = os.confstr('CS_GNU_LIBC_VERSION') or ''  # 'glibc 2.36'
+    name, version = libc_version.split()
+    if name != 'glibc' or tuple(int(v) for v in version.split('.')[:2]) < (2, 35):
+      return None
+    with open(thp_mode) as f:
+      if '[madvise]' not in f.read():
+        return None
+  except (ValueError, OSError, AttributeError):
+    return None
+  return {**environ, 'GLIBC_TUNABLES': ':'.join(t for t in (tunables, HUGE_PAGES_TUNABLE) if t)}
+
+
+def reexec_with_huge_pages():
+  """Starts this process again (same PID, arguments and interpreter options) with glibc's
+  huge-page tunable, where `huge_pages_env` says so; returns otherwise. Call first thing in
+  an entry point's `__main__`, before other modules load (they load again)."""
+  env = huge_pages_env()
+  if env is None:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  try:
+    os.execve(sys.executable, sys.orig_argv, env)
+  except OSError:
+    pass  # carry on without huge pages

@@ -84,3 +84,59 @@ def test_keep_freed_memory_stops_refaulting_a_large_block():
                          capture_output=True, text=True).stdout
     faults[keep] = int(out.split()[-1])
   assert faults['0'] >= 100 and faults['1'] * 10 < faults['0'], faults
+
+
+def test_huge_pages_env_only_where_it_changes_something(tmp_path):
+  mode = tmp_path / 'enabled'
+  mode.write_text('always [madvise] never\n')
+  env = {'JAX_PLATFORMS': 'cpu'}
+  new = xla_cpu.huge_pages_env(env, str(mode), 'glibc 2.36')
+  assert new['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1' and new['JAX_PLATFORMS'] == 'cpu'
+  # The user's other tunables are kept; a set hugetlb (the new process's own) is not repeated.
+  kept = xla_cpu.huge_pages_env({**env, 'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'},
+                                str(mode), 'glibc 2.36')
+  assert kept['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
+  assert xla_cpu.huge_pages_env(new, str(mode), 'glibc 2.36') is None
+  assert xla_cpu.huge_pages_env({**env, 'PAT_JAX_HUGE_PAGES': '0'}, str(mode), 'glibc 2.36') is None
+  assert xla_cpu.huge_pages_env({'JAX_PLATFORMS': 'cuda'}, str(mode), 'glibc 2.36') is None
+  assert xla_cpu.huge_pages_env(env, str(mode), 'glibc 2.31') is None  # no such tunable yet
+  assert xla_cpu.huge_pages_env(env, str(mode), '') is None            # musl and others
+  assert xla_cpu.huge_pages_env(env, str(tmp_path / 'missing'), 'glibc 2.36') is None
+  for other in ('[always] madvise never\n', 'always madvise [never]\n'):
+    mode.write_text(other)
+    assert xla_cpu.huge_pages_env(env, str(mode), 'glibc 2.36') is None
+
+
+_REEXEC = '''
+import os, sys
+print('start', os.getpid(), flush=True)
+from pat_jax import xla_cpu
+xla_cpu.reexec_with_huge_pages()
+print('running', os.getpid(), os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:])
+'''
+
+
+def test_reexec_with_huge_pages_starts_the_same_process_again():
+  """Same PID and arguments, the tunable set once; and with it a 256 MB block faults in with
+  a fraction of the faults (huge pages)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'PAT_JAX_HUGE_PAGES')}
+  env['JAX_PLATFORMS'] = 'cpu'
+  expected = xla_cpu.huge_pages_env(env) is not None  # this kernel and glibc
+  out = subprocess.run([sys.executable, '-c', _REEXEC, 'a b', '--c=1'], check=True, env=env,
+                       capture_output=True, text=True).stdout.split('\n')
+  starts = [l for l in out if l.startswith('start')]
+  running, = [l for l in out if l.startswith('running')]
+  assert running.endswith("['a b', '--c=1']")
+  if not expected:
+    assert len(starts) == 1 and 'hugetlb' not in running
+    return
+  assert len(starts) == 2 and starts[0].split()[1] == starts[1].split()[1] == running.split()[1]
+  assert running.split()[2] == 'glibc.malloc.hugetlb=1'
+  faults = {}
+  for tunables in ('', 'glibc.malloc.hugetlb=1'):
+    out = subprocess.run([sys.executable, '-c', _REALLOCATE, '0'], check=True, capture_output=True,
+                         text=True, env={**env, 'GLIBC_TUNABLES': tunables}).stdout
+    faults[tunables] = int(out.split()[-1])
+  assert faults['glibc.malloc.hugetlb=1'] * 10 < faults[''], faults
