@@ -11,7 +11,8 @@
 #    largest that fits). The first PAT line's compile_s is a fresh start's wait (one program:
 #    the first step is the same program as the rest).
 # 2. Where the time goes: a jax.profiler trace of 5 PAT steps (OUT/profile, for TensorBoard or
-#    xprof) and PAT's step split into its parts (`--breakdown`).
+#    xprof), summed per op and per source line into the table (pat_jax.profile_summary), and
+#    PAT's step split into its parts (`--breakdown`).
 # 3. Fast forms (pat_jax/kernels): each op's forms timed alone (OUT/kernels.jsonl), PAT with the
 #    CPU's forms, and PAT with the teacher unrolled (teacher.scan_blocks=False).
 # Writes OUT/device_check.jsonl (one JSON line per benchmark, a failed one as {"error": ...})
@@ -94,6 +95,13 @@ if parts:
   extra = {k: v for k, v in parts[0].items() if k.endswith('_s') and k not in (
       'step_time_s', 'step_time_min_s', 'step_time_max_s', 'compile_s', 'img_per_s')}
   out += ['', 'PAT step, by part (s): ' + ', '.join(f'{k} {v:.4f}' for k, v in extra.items())]
+traced = [r for r in rows if r.get('label') == 'pat_bf16_profiled' and 'error' not in r]
+if traced and 'error' not in traced[0].get('profile', {'error': 1}):
+  from pat_jax import profile_summary
+  out += ['', 'Where the PAT step\'s time goes (traced steps, ms per step; OUT/profile):', '',
+          profile_summary.markdown(traced[0]['profile'])]
+elif traced:
+  out += ['', f"Profile summary: {traced[0].get('profile', {}).get('error', 'missing')}"]
 text = '\n'.join(out) + '\n'
 open(sys.argv[2], 'w').write(text)
 print(text)

@@ -32,7 +32,10 @@ flags.DEFINE_bool('breakdown', False, 'PAT: also time the parts of the step sepa
 flags.DEFINE_string('kernels', '', 'Forms of the fast ops (pat_jax/kernels), as PAT_JAX_KERNELS: '
                     "'plain', or 'op=form,...'; '': the backend's table.")
 flags.DEFINE_string('profile_dir', '', 'Write a jax.profiler trace of the timed steps there '
-                    '(open with TensorBoard or xprof).')
+                    '(open with TensorBoard or xprof) with the step\'s HLO, and add its summary '
+                    '(pat_jax.profile_summary: time per kind of op and per source line) to the '
+                    'result as `profile`. The traced steps are slower (on CPU the tracer records '
+                    'every thread-pool task): time without it.')
 flags.DEFINE_string('compilation_cache', '',
                     "JAX's persistent compilation cache folder, every program cached: run twice "
                     "with one folder to time a cached start. '': JAX's own setting (off unless "
@@ -127,7 +130,7 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False, p
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from pat_jax import kernels, sharding, train  # pylint: disable=g-import-not-at-top
+  from pat_jax import kernels, profile_summary, sharding, train  # pylint: disable=g-import-not-at-top
 
   mesh = sharding.make_mesh(config.get('num_devices', 0))
   teacher = teacher_vars = None
@@ -151,6 +154,10 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False, p
   t0 = time.perf_counter()
   compiled = trainer.train_step.lower(*args).compile()
   compile_s = time.perf_counter() - t0
+  if profile_dir:  # the compiled program names the trace's ops (pat_jax.profile_summary)
+    os.makedirs(profile_dir, exist_ok=True)
+    with open(os.path.join(profile_dir, profile_summary.HLO_FILE), 'w') as f:
+      f.write(compiled.as_text())
   mem = compiled.memory_analysis()
   peak = None
   if mem is not None:
@@ -183,7 +190,9 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False, p
   jax.block_until_ready(m)
   times = []
   if profile_dir:
-    jax.profiler.start_trace(profile_dir)
+    options = jax.profiler.ProfileOptions()
+    options.host_tracer_level = 3  # XLA:CPU's thunks (its ops) are recorded at level 3
+    jax.profiler.start_trace(profile_dir, profiler_options=options)
   for _ in range(steps):
     t = time.perf_counter()
     state, m = compiled(state, batch, teacher_vars)
@@ -191,6 +200,10 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False, p
     times.append(time.perf_counter() - t)
   if profile_dir:
     jax.profiler.stop_trace()
+    try:
+      extra['profile'] = profile_summary.summarize(profile_dir, steps, top=10)
+    except (OSError, ValueError, KeyError) as e:  # the trace is still there to open
+      extra['profile'] = {'error': f'{type(e).__name__}: {e}'}
   step_time = statistics.median(times)
   stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
   peak_flops = _peak_flops(device.device_kind)
@@ -292,6 +305,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from pat_jax import xla_cpu as _xla_cpu  # pylint: disable=g-import-not-at-top
+  _xla_cpu.reexec_with_huge_pages()  # on CPU: start again with huge pages
   if '--torch' in sys.argv:
     # torchvision (through timm) must load before TensorFlow, which the configs import.
     import timm  # pylint: disable=g-import-not-at-top,unused-import
