@@ -171,12 +171,18 @@ def _op_times(events, instrs):
   """{instruction: [summed ms, calls]} of the trace's op events.
 
   An op event is named after its instruction (XLA:CPU's thunks; the "XLA Ops" line of a GPU or
-  TPU). Where no event is, the kernels' `hlo_op` argument names it instead. The python
-  thread's events (jit dispatch) and loops (their bodies' ops count themselves) are left out."""
-  threads = {(e['pid'], e.get('tid')): e['args']['name'] for e in events
-             if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
+  TPU). Where no event is, the kernels' `hlo_op` argument names it instead. Where the trace has
+  devices (processes named /device:...), only their events count: the host's launches of the
+  same ops would count twice. Loops are left out (their bodies' ops count themselves), and so
+  is the python thread (jit dispatch)."""
+  meta = [e for e in events if e.get('ph') == 'M']
+  threads = {(e['pid'], e.get('tid')): e['args']['name'] for e in meta
+             if e.get('name') == 'thread_name'}
+  devices = {e['pid'] for e in meta if e.get('name') == 'process_name' and
+             str(e['args']['name']).startswith('/device:')}
   spans = [e for e in events if e.get('ph') == 'X' and 'dur' in e and
-           threads.get((e['pid'], e.get('tid'))) != 'python']
+           threads.get((e['pid'], e.get('tid'))) != 'python' and
+           (not devices or e['pid'] in devices)]
   for name_of in (lambda e: e.get('name'), lambda e: (e.get('args') or {}).get('hlo_op')):
     times = collections.defaultdict(lambda: [0.0, 0])
     for e in spans:

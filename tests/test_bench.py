@@ -150,7 +150,7 @@ def test_profile_summary_reads_a_gpu_gemm():
 
 def test_profile_summary_of_a_written_trace(tmp_path):
   """Events named after an instruction count (divided by the steps); where none is, kernels
-  carrying an `hlo_op` argument do; the python thread's events and loops do not."""
+  carrying an `hlo_op` argument do; the host's events beside a device's, and loops, do not."""
   import gzip  # pylint: disable=g-import-not-at-top
   (tmp_path / profile_summary.HLO_FILE).write_text(_GPU_GEMM.replace(
       '  ROOT %get', '  %while.2 = f32[64,16]{1,0} while(%a), condition=%c, body=%b\n  ROOT %get'))
@@ -159,9 +159,13 @@ def test_profile_summary_of_a_written_trace(tmp_path):
   def write(events):
     with gzip.open(run / 'host.trace.json.gz', 'wt') as f:
       json.dump({'traceEvents': [
+          {'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/host:CPU'}},
+          {'ph': 'M', 'name': 'process_name', 'pid': 2, 'args': {'name': '/device:GPU:0'}},
           {'ph': 'M', 'name': 'thread_name', 'pid': 1, 'tid': 1, 'args': {'name': 'python'}},
-          {'ph': 'M', 'name': 'thread_name', 'pid': 2, 'tid': 7, 'args': {'name': 'Stream #7'}},
+          {'ph': 'M', 'name': 'thread_name', 'pid': 1, 'tid': 3, 'args': {'name': 'launch'}},
+          {'ph': 'M', 'name': 'thread_name', 'pid': 2, 'tid': 7, 'args': {'name': 'XLA Ops'}},
           {'ph': 'X', 'name': 'custom-call.1', 'pid': 1, 'tid': 1, 'ts': 0, 'dur': 999.0},
+          {'ph': 'X', 'name': 'custom-call.1', 'pid': 1, 'tid': 3, 'ts': 0, 'dur': 99.0},
           {'ph': 'X', 'name': 'while.2', 'pid': 2, 'tid': 7, 'ts': 0, 'dur': 5000.0}] + events}, f)
   write([{'ph': 'X', 'name': 'custom-call.1', 'pid': 2, 'tid': 7, 'ts': 1, 'dur': 1000.0},
          {'ph': 'X', 'name': 'custom-call.1', 'pid': 2, 'tid': 7, 'ts': 9, 'dur': 3000.0}])
