@@ -359,6 +359,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  from pat_jax import xla_cpu as _xla_cpu  # pylint: disable=g-import-not-at-top
-  _xla_cpu.reexec_with_huge_pages()  # on CPU: start again with huge pages
   sys.exit(main())

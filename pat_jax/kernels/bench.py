@@ -24,7 +24,11 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
-import jax
+if __name__ == '__main__':  # on CPU, start again with huge pages before the imports below
+  from pat_jax import xla_cpu as _xla_cpu  # pylint: disable=g-import-not-at-top
+  _xla_cpu.reexec_with_huge_pages()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 
@@ -245,6 +249,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  from pat_jax import xla_cpu as _xla_cpu  # pylint: disable=g-import-not-at-top
-  _xla_cpu.reexec_with_huge_pages()  # on CPU: start again with huge pages
   sys.exit(main())
