@@ -49,7 +49,7 @@ def _dims(shape):
 
 
 def parse_hlo(text):
-  """{instruction name: {'opcode', 'shape', 'rest', 'computation'}} and {computation: [names]}."""
+  """{instruction name: {'opcode', 'shape', 'rest'}} and {computation: [its instructions' names]}."""
   instrs, comps, comp = {}, collections.defaultdict(list), None
   for line in text.splitlines():
     m = _COMP.match(line)
@@ -59,7 +59,7 @@ def parse_hlo(text):
     m = _INSTR.match(line)
     if m and comp is not None:
       name, shape, opcode, rest = m.groups()
-      instrs[name] = {'opcode': opcode, 'shape': shape, 'rest': rest, 'computation': comp}
+      instrs[name] = {'opcode': opcode, 'shape': shape, 'rest': rest}
       comps[comp].append(name)
   return instrs, comps
 
