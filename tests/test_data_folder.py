@@ -110,6 +110,51 @@ def test_jpegs_decode_as_pillow_decodes_them():
   assert fast_differs
 
 
+def _photo_like(rng, shape):
+  """Smooth content plus noise: what makes libjpeg's fast and accurate IDCTs differ."""
+  small = rng.integers(0, 256, (shape[0] // 4, shape[1] // 4, 3), dtype=np.uint8)
+  base = np.asarray(Image.fromarray(small).resize(shape[1::-1], Image.BICUBIC)).astype(int)
+  return np.clip(base + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8)
+
+
+def test_fixed_shape_tfds_jpegs_decode_as_pillow_decodes_them(tmp_path):
+  """A TFDS dataset of fixed-shape JPEG images (TFDS decodes them with the fast IDCT) is read
+  with the pixels Pillow gives for the stored bytes, as image folders and ImageNet-like TFDS
+  datasets are."""
+  import tensorflow_datasets as tfds
+  images = [_photo_like(np.random.default_rng(i), (24, 32)) for i in range(6)]
+
+  class FixedJpegs(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, disable_shuffling=True, features=tfds.features.
+                                   FeaturesDict({'image': tfds.features.Image(
+                                       shape=(24, 32, 3), encoding_format='jpeg'),
+                                                 'label': tfds.features.ClassLabel(num_classes=2)}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, img in enumerate(images):
+        yield i, {'image': img, 'label': i % 2}
+
+  FixedJpegs(data_dir=str(tmp_path)).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builder = tfds.builder('fixed_jpegs', data_dir=str(tmp_path))
+  stored = [e['image'] for e in builder.as_dataset(
+      split='train', decoders={'image': tfds.decode.SkipDecoding()}).as_numpy_iterator()]
+  want = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert('RGB')) for b in stored])
+  tfds_default = np.stack([e['image'] for e in builder.as_dataset(split='train').as_numpy_iterator()])
+  assert not np.array_equal(tfds_default, want)  # else this test would not tell the two apart
+  cfg = make_config('fixed_jpegs', data_dir=str(tmp_path))
+  split = sources.load_split(cfg.dataset, 'train')
+  assert split.images.dtype == np.uint8 and split.images.shape == (6, 24, 32, 3)
+  np.testing.assert_array_equal(split.images, want)
+  np.testing.assert_array_equal(split.labels, [i % 2 for i in range(6)])
+
+
 def test_batches_equal_the_in_memory_bytes(folder):
   """Training (CNN recipe: the crop/resize/flip that reads the image; the ViT recipe's extra
   steps act on the decoded batch whatever the source) and evaluation, bit for bit."""

@@ -95,10 +95,15 @@ def _fixed_image_shape(builder):
 def _load_tfds(name, data_dir, split) -> Split:
   builder = _builder(name, data_dir)
   num_classes = builder.info.features['label'].num_classes
-  if _fixed_image_shape(builder):
-    ds = _as_dataset(builder, name, data_dir, split)
-    ds = ds.map(lambda e: (e['image'], e['label'])).batch(4096)
-    parts = list(ds.as_numpy_iterator())
+  if _fixed_image_shape(builder):  # decoded once, here, into one uint8 array
+    if builder.info.features['image'].encoding_format == 'jpeg':
+      # TFDS would decode with libjpeg's fast IDCT, not the pixels Pillow gives (see decode).
+      ds = _as_dataset(builder, name, data_dir, split,
+                       decoders={'image': tfds.decode.SkipDecoding()})
+      ds = ds.map(lambda e: (decode(e['image']), e['label']))
+    else:  # PNG, TFDS's default encoding: lossless, the same pixels either way
+      ds = _as_dataset(builder, name, data_dir, split).map(lambda e: (e['image'], e['label']))
+    parts = list(ds.batch(4096).as_numpy_iterator())
     images = np.concatenate([p[0] for p in parts]).astype(np.uint8)
     if images.shape[-1] == 1:
       images = np.repeat(images, 3, axis=-1)
