@@ -1,10 +1,12 @@
 """Start-up on clusters and the launch scripts, without a cluster: pat_jax.sharding's
 bootstrap decisions from the environment, launch/tpu_vm.sh --dry-run, and its kill command
 run for real against a fake training process."""
+import json
 import os
 import re
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -202,10 +204,12 @@ def test_device_check_dry_run_lists_every_benchmark(tmp_path):
                         env={**os.environ, 'BATCH': '128'})
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.strip().splitlines()
-  assert '-m pat_jax.kernels.bench' in lines[-1] and '--batch=128' in lines[-1]
-  lines = lines[:-1]
+  kernels = [l for l in lines if '-m pat_jax.kernels.bench' in l]
+  assert len(kernels) == 1 and '--batch=128' in kernels[0]
+  lines = [l for l in lines if l not in kernels]
   assert all('-m pat_jax.bench' in l and '--json' in l for l in lines)
-  assert all(f'--compilation_cache={tmp_path}/out/jax_cache' in l for l in lines)
+  # caches and traces go to the work folder, not among the results
+  assert all(f'--compilation_cache={tmp_path}/out/work/jax_cache' in l for l in lines)
   configs = [re.search(r'--config=(\S+)', l).group(1) for l in lines]
   assert configs[:3] == ['configs/cifar_convnext_deit.py', 'configs/cifar_convnext_deit.py:kd',
                          'configs/cifar_convnext_deit.py:student']
@@ -214,5 +218,79 @@ def test_device_check_dry_run_lists_every_benchmark(tmp_path):
   assert sum('--breakdown' in l for l in lines) == 1
   assert sum('--kernels=' in l for l in lines) == 1
   assert sum('--config.teacher.scan_blocks=False' in l for l in lines) == 1
-  assert sum(f'--profile_dir={tmp_path}/out/profile' in l for l in lines) == 1
+  assert sum(f'--profile_dir={tmp_path}/out/work/profile' in l for l in lines) == 1
+  assert '--breakdown' in lines[-1]  # the least important run last
   assert not os.path.exists(tmp_path / 'out' / 'device_check.jsonl')  # nothing ran
+
+
+FAKE_PYTHON = r'''#!/usr/bin/env bash
+# Stands in for the interpreter: imports fail when FAKE_IMPORTS=fail; a bench at batch 16
+# hangs (a compile that outlasts the budget); the other benches print a result at once.
+case "$1" in
+  -c) [ "${FAKE_IMPORTS:-ok}" = ok ] || { echo "ModuleNotFoundError: ml_collections" >&2; exit 1; }
+      exit 0 ;;
+  -) exec "$REAL_PYTHON" "$@" ;;
+  -m) ;;
+esac
+batch=8
+for a in "$@"; do case "$a" in --config.batch_size=*) batch=${a#*=} ;; esac; done
+if [ "$2" = pat_jax.kernels.bench ]; then
+  echo '{"kind": "header"}'
+  echo '{"case": "gelu", "what": "GELU", "dtype": "bfloat16", "ms": {"xla": 1.5, "rule": 2.0}, "default": "xla", "fastest": "xla"}'
+  exit 0
+fi
+[ "$batch" = 16 ] && exec sleep 120
+echo "{\"device\": \"fake\", \"batch_size\": $batch, \"dtype\": \"bfloat16\", \"step_time_s\": 0.5, \"step_time_min_s\": 0.4, \"step_time_max_s\": 0.6, \"img_per_s\": 16.0, \"compile_s\": 3.0, \"peak_bytes\": 1e9, \"profile\": {\"error\": \"no trace in the fake\"}}"
+'''
+
+
+def _device_check(tmp_path, out, **env):
+  fake = tmp_path / 'fakepy'
+  fake.write_text(FAKE_PYTHON)
+  fake.chmod(0o755)
+  env = {**os.environ, 'PYTHON': str(fake), 'REAL_PYTHON': sys.executable, 'BATCH': '8',
+         'BUDGET_S': '8', 'MIN_RUN_S': '3', **env}
+  env.pop('OUT', None)
+  return subprocess.run(['bash', os.path.join(REPO, 'launch', 'device_check.sh'), str(out)],
+                        capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_device_check_keeps_to_its_time_budget_and_always_writes_the_tables(tmp_path):
+  """The runs before the budget is spent give rows; the one running when it ends is stopped
+  (batch 16 hangs in the fake); the rest are listed as skipped; the tables and logs come out."""
+  out = tmp_path / 'out'
+  proc = _device_check(tmp_path, out)
+  assert proc.returncode == 0, proc.stderr
+  rows = [json.loads(l) for l in open(out / 'device_check.jsonl')]
+  labels = [r['label'] for r in rows]
+  assert labels[:6] == ['pat_bf16', 'kd_bf16', 'student_bf16', 'pat_bf16_cached',
+                        'pat_bf16_profiled', 'pat_bf16_batch16']
+  assert all(r['step_time_s'] == 0.5 for r in rows[:5])
+  assert 'stopped after' in rows[5]['error']
+  assert 'pat_bf16_batch32' not in labels  # the largest batch stops at the first that fails
+  assert all('skipped' in r for r in rows[6:]) and labels[-1] == 'pat_bf16_breakdown'
+  assert set(labels[6:]) == {'pat_fp32', 'pat_bf16_cpu_forms', 'pat_bf16_unrolled', 'kernels',
+                             'pat_bf16_breakdown'}
+  table = (out / 'device_check.md').read_text()
+  assert '| pat_bf16 | fake | 8 | bfloat16 | 0.5000 (0.4000-0.6000) | 16 |' in table
+  assert '| pat_fp32 | skipped: time budget' in table
+  assert 'Profile summary: no trace in the fake' in table
+  assert sorted(os.listdir(out)) == ['device_check.jsonl', 'device_check.md', 'logs.tar.gz',
+                                     'work']
+  with tarfile.open(out / 'logs.tar.gz') as logs:
+    assert {'./pat_bf16.log', './pat_bf16.json', './pat_bf16_batch16.log'} <= set(logs.getnames())
+  # A second call with ONLY adds what the first skipped.
+  proc = _device_check(tmp_path, out, ONLY='kernels pat_fp32', BUDGET_S='60')
+  assert proc.returncode == 0, proc.stderr
+  rows = [json.loads(l) for l in open(out / 'device_check.jsonl')]
+  assert rows[-1]['label'] == 'pat_fp32' and rows[-1]['step_time_s'] == 0.5  # kernels: no row
+  table = (out / 'device_check.md').read_text()
+  assert '| gelu | GELU | bfloat16 | xla 1.500, rule 2.000 | xla | xla |' in table
+  assert '| pat_fp32 | fake | 8 |' in table and '| pat_fp32 | skipped' not in table
+
+
+def test_device_check_stops_at_once_when_imports_fail(tmp_path):
+  proc = _device_check(tmp_path, tmp_path / 'out', FAKE_IMPORTS='fail')
+  assert proc.returncode == 2
+  assert 'ml_collections' in proc.stderr and 'launch/device_wheels.sh' in proc.stderr
+  assert not (tmp_path / 'out' / 'device_check.md').exists()
