@@ -29,7 +29,8 @@
 # back only a few files).
 # Env: CONFIG (configs/cifar_convnext_deit.py), BATCH (128), STEPS (10), PYTHON (python, else
 # python3), STUDENT_ARG (the student alone's config argument: `student`; `none` for
-# configs/digits_demo.py), BUDGET_S, ONLY, WORK_DIR.
+# configs/digits_demo.py), BUDGET_S, ONLY, WORK_DIR, MIN_RUN_S (20: a run is not started with
+# less time left).
 # A machine without pat_jax's pure-Python pins (a lent GPU has JAX, flax and optax, not
 # ml_collections): `bash launch/device_wheels.sh` here puts their wheels in .whl/; carry .whl and
 # this script installs them under /tmp/site when an import fails (docs/BENCHMARKS.md).
