@@ -16,8 +16,9 @@
 #    (teacher.scan_blocks=False), and each op's forms timed alone (OUT/kernels.jsonl).
 # The runs go in that order of importance, under one time budget (BUDGET_S, default 450 s: the
 # whole script within 8 minutes, inside one 10-minute device call): each run gets at most what
-# is left, and runs after the budget is spent are listed as skipped, so the tables always come
-# out. ONLY="label ..." runs just those
+# is left, a run that compiles a new PAT program is not started with less time left than
+# pat_bf16 took, and runs after the budget is spent are listed as skipped, so the tables always
+# come out. ONLY="label ..." runs just those
 # (a second call for what the first skipped; labels as in the table, `kernels` for the forms),
 # added to the results and caches already in OUT_DIR and WORK_DIR.
 #
@@ -80,13 +81,23 @@ fi
 
 wanted() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
 
-run() {  # run LABEL OUTFILE CMD...: under the time left; failed or skipped: a line in $JSONL
-  local label=$1 out=$2; shift 2
+# Seconds a run that compiles a new PAT program needs: once pat_bf16 has run, its wall time
+# (start-up, compile, steps) plus a tenth; a run that could not finish in the time left is not
+# started, which leaves the time to the cheaper runs after it.
+PAT_NEED=0
+
+run() {  # run LABEL NEED OUTFILE CMD...: under the time left; failed or skipped: a line in $JSONL
+  local label=$1 need=$2 out=$3; shift 3
   if [ "$DRY" = 1 ]; then printf '%q ' "$@"; echo; return 0; fi
   local t=$((BUDGET_S - (SECONDS - START)))
   if [ "$t" -lt "${MIN_RUN_S:-20}" ]; then  # too little left to compile anything
     printf '{"label": "%s", "skipped": "time budget (BUDGET_S=%s) spent"}\n' "$label" \
       "$BUDGET_S" >> "$JSONL"
+    return 1
+  fi
+  if [ "$t" -lt "$need" ]; then
+    printf '{"label": "%s", "skipped": "needs about %s s (as pat_bf16 took), %s s left"}\n' \
+      "$label" "$need" "$t" >> "$JSONL"
     return 1
   fi
   echo "== $label (${t} s left)" >&2
@@ -104,9 +115,14 @@ run() {  # run LABEL OUTFILE CMD...: under the time left; failed or skipped: a l
 bench() {  # bench LABEL CONFIG_ARG [bench flags...]: one JSON line, labelled, into $JSONL
   local label=$1 arg=$2; shift 2
   wanted "$label" || return 0
-  run "$label" "$WORK/$label.json" "$PY" -m pat_jax.bench "--config=$CONFIG$arg" --json \
-    "--steps=$STEPS" "--compilation_cache=$CACHE" "$@" || return 1
+  local need=0  # a new PAT program needs about what pat_bf16 took; the cached ones less
+  [ -z "$arg" ] && [ "$label" != pat_bf16_cached ] && [ "$label" != pat_bf16_profiled ] \
+    && need=$PAT_NEED
+  local began=$SECONDS
+  run "$label" "$need" "$WORK/$label.json" "$PY" -m pat_jax.bench "--config=$CONFIG$arg" \
+    --json "--steps=$STEPS" "--compilation_cache=$CACHE" "$@" || return 1
   [ "$DRY" = 1 ] && return 0
+  [ "$label" = pat_bf16 ] && PAT_NEED=$(((SECONDS - began) * 11 / 10))
   local line; line=$(tail -n 1 "$WORK/$label.json")
   if [ "${line:0:1}" = "{" ]; then
     printf '{"label": "%s", %s\n' "$label" "${line:1}" >> "$JSONL"
@@ -135,7 +151,7 @@ bench pat_bf16_cpu_forms "" "$B" --config.dtype=bfloat16 --steps=5 \
   --kernels=gelu=rule,depthwise_conv=shift,pointwise_conv=matmul,patchify_conv=matmul,taps_dot=rule
 bench pat_bf16_unrolled "" "$B" --config.dtype=bfloat16 --config.teacher.scan_blocks=False
 if wanted kernels; then
-  run kernels "$OUT_DIR/kernels.jsonl" "$PY" -m pat_jax.kernels.bench --json "--batch=$BATCH" \
+  run kernels 0 "$OUT_DIR/kernels.jsonl" "$PY" -m pat_jax.kernels.bench --json "--batch=$BATCH" \
     --dtype=bfloat16 --repeats=5
 fi
 bench pat_bf16_breakdown "" "$B" --config.dtype=bfloat16 --breakdown --steps=5

@@ -224,8 +224,9 @@ def test_device_check_dry_run_lists_every_benchmark(tmp_path):
 
 
 FAKE_PYTHON = r'''#!/usr/bin/env bash
-# Stands in for the interpreter: imports fail when FAKE_IMPORTS=fail; a bench at batch 16
-# hangs (a compile that outlasts the budget); the other benches print a result at once.
+# Stands in for the interpreter: imports fail when FAKE_IMPORTS=fail; a bench at batch
+# FAKE_HANG_BATCH (16) hangs (a compile that outlasts the budget); the first bench takes
+# FAKE_FIRST_S seconds (0); the other benches print a result at once.
 case "$1" in
   -c) [ "${FAKE_IMPORTS:-ok}" = ok ] || { echo "ModuleNotFoundError: ml_collections" >&2; exit 1; }
       exit 0 ;;
@@ -239,7 +240,8 @@ if [ "$2" = pat_jax.kernels.bench ]; then
   echo '{"case": "gelu", "what": "GELU", "dtype": "bfloat16", "ms": {"xla": 1.5, "rule": 2.0}, "default": "xla", "fastest": "xla"}'
   exit 0
 fi
-[ "$batch" = 16 ] && exec sleep 120
+[ "$batch" = "${FAKE_HANG_BATCH:-16}" ] && exec sleep 120
+[ -e "$FAKE_STATE" ] || { touch "$FAKE_STATE"; sleep "${FAKE_FIRST_S:-0}"; }
 echo "{\"device\": \"fake\", \"batch_size\": $batch, \"dtype\": \"bfloat16\", \"step_time_s\": 0.5, \"step_time_min_s\": 0.4, \"step_time_max_s\": 0.6, \"img_per_s\": 16.0, \"compile_s\": 3.0, \"peak_bytes\": 1e9, \"profile\": {\"error\": \"no trace in the fake\"}}"
 '''
 
@@ -249,7 +251,8 @@ def _device_check(tmp_path, out, **env):
   fake.write_text(FAKE_PYTHON)
   fake.chmod(0o755)
   env = {**os.environ, 'PYTHON': str(fake), 'REAL_PYTHON': sys.executable, 'BATCH': '8',
-         'BUDGET_S': '8', 'MIN_RUN_S': '3', **env}
+         'BUDGET_S': '8', 'MIN_RUN_S': '3', 'FAKE_STATE': str(tmp_path / 'first_bench_ran'),
+         **env}
   env.pop('OUT', None)
   return subprocess.run(['bash', os.path.join(REPO, 'launch', 'device_check.sh'), str(out)],
                         capture_output=True, text=True, timeout=120, env=env)
@@ -287,6 +290,23 @@ def test_device_check_keeps_to_its_time_budget_and_always_writes_the_tables(tmp_
   table = (out / 'device_check.md').read_text()
   assert '| gelu | GELU | bfloat16 | xla 1.500, rule 2.000 | xla | xla |' in table
   assert '| pat_fp32 | fake | 8 |' in table and '| pat_fp32 | skipped' not in table
+
+
+def test_device_check_starts_no_pat_compile_it_cannot_finish(tmp_path):
+  """Once pat_bf16 has shown how long a PAT compile takes (3 s in the fake), a run that compiles
+  a new PAT program is not started with less time left; the cheap runs after it still run."""
+  out = tmp_path / 'out'
+  proc = _device_check(tmp_path, out, BUDGET_S='5', MIN_RUN_S='1', FAKE_FIRST_S='3',
+                       FAKE_HANG_BATCH='none')
+  assert proc.returncode == 0, proc.stderr
+  rows = {r['label']: r for r in map(json.loads, open(out / 'device_check.jsonl'))}
+  for label in ('pat_bf16', 'kd_bf16', 'student_bf16', 'pat_bf16_cached', 'pat_bf16_profiled'):
+    assert rows[label]['step_time_s'] == 0.5, label
+  for label in ('pat_bf16_batch16', 'pat_fp32', 'pat_bf16_cpu_forms', 'pat_bf16_unrolled',
+                'pat_bf16_breakdown'):
+    assert rows[label]['skipped'].startswith('needs about'), label
+  assert 'pat_bf16_batch32' not in rows
+  assert 'kernels' not in rows and (out / 'kernels.jsonl').exists()  # ran, with time to spare
 
 
 def test_device_check_stops_at_once_when_imports_fail(tmp_path):
