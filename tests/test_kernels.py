@@ -11,7 +11,7 @@ import pytest
 
 from pat_jax import kernels, models
 from pat_jax.distill import pat_modules as pm
-from pat_jax.kernels import bench
+from pat_jax.kernels import bench, matmuls
 from pat_jax.models import layers
 
 FAST_ON_CPU = {'gelu': 'rule', 'depthwise_conv': 'shift', 'pointwise_conv': 'matmul', 'patchify_conv': 'matmul', 'taps_dot': 'rule',
@@ -156,3 +156,22 @@ def test_kernel_bench_runs_and_records_each_form():
     assert set(r['ms']) == set(kernels.TABLE[r['op']][0])
     assert all(v > 0 for v in r['ms'].values())
     assert r['default'] == kernels.form(r['op'])
+
+
+def test_matmul_rates_cover_the_pairs_products_in_xla_and_torch():
+  # The shapes follow batch and image size: ConvNeXt-T stage 0 at 32 px has 8x8 positions per
+  # image; DeiT-T has (32/16)^2 + 1 = 5 tokens of 192 in 3 heads of 64.
+  shapes = matmuls.cases(batch=2, image_size=32)
+  assert shapes['convnext_s0_fc1'] == ((2 * 8 * 8, 96), (96, 384))
+  assert shapes['convnext_s3_fc2'] == ((2 * 1 * 1, 3072), (3072, 768))
+  assert shapes['deit_qkv'] == ((2 * 5, 192), (192, 576))
+  assert shapes['deit_attn_scores'] == ((2 * 3, 5, 64), (2 * 3, 64, 5))
+  records = matmuls.run(['convnext_s0_fc2', 'deit_attn_values'], batch=2, image_size=32, repeats=1)
+  by_case = {r['case']: r for r in records}
+  assert by_case['convnext_s0_fc2']['flops'] == 2 * 128 * 384 * 96
+  assert by_case['deit_attn_values']['flops'] == 2 * 6 * 5 * 5 * 64
+  for r in records:
+    assert len(r['xla']) == 3 and all(v > 0 for v in r['xla'])
+    assert len(r['torch']) == 3 and all(v > 0 for v in r['torch'])  # torch is in the test extra
+  with pytest.raises(ValueError, match='Unknown cases'):
+    matmuls.run(['resnet_fc'])
