@@ -14,7 +14,6 @@ one line per case {case, a, b (the shapes), flops, xla: [fwd, dx, dw], torch: [.
 GFLOP/s.
 """
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -27,8 +26,9 @@ if __name__ == '__main__':  # on CPU, start again with huge pages, as the benchm
 
 import numpy as np
 
-DIMS = (96, 192, 384, 768)   # ConvNeXt-T stage widths
-DEIT_DIM, DEIT_HEADS, DEIT_PATCH = 192, 3, 16
+from pat_jax.kernels.bench import DEIT_DIM, DEIT_PATCH, DIMS, header
+
+DEIT_HEADS = 3
 
 
 def cases(batch: int = 8, image_size: int = 224) -> Dict[str, tuple]:
@@ -119,17 +119,13 @@ def main(argv=None):
   args = parser.parse_args(argv)
   from pat_jax import xla_cpu  # pylint: disable=g-import-not-at-top
   xla_cpu.apply()  # the training entry points' XLA:CPU flags, before JAX starts its backends
-  import jax  # pylint: disable=g-import-not-at-top
   if args.torch:
     try:
       import torch  # pylint: disable=g-import-not-at-top
       torch.set_num_threads(os.cpu_count())  # every core, as XLA's thread pool has
     except ImportError:
       pass
-  head = dict(kind='header', date=datetime.datetime.now().isoformat(timespec='seconds'),
-              backend=jax.default_backend(), jax=jax.__version__, cpus=os.cpu_count(),
-              loadavg=list(os.getloadavg()), xla_flags=os.environ.get('XLA_FLAGS', ''),
-              batch=args.batch, image_size=args.image_size)
+  head = dict(header(), batch=args.batch, image_size=args.image_size)
   if args.json:
     print(json.dumps(head), flush=True)
     emit = lambda rec: print(json.dumps(rec), flush=True)
