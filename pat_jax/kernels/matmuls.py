@@ -60,6 +60,12 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
   return min(times)
 
 
+def _rate(gflop: float, seconds: float) -> float:
+  """GFLOP/s to three significant digits (never 0 for a tiny product, as rounding to a decimal
+  place would make it)."""
+  return float(f'{gflop / seconds:.3g}')
+
+
 def run(names: Optional[List[str]] = None, batch: int = 8, image_size: int = 224,
         repeats: int = 7, with_torch: bool = True, log=None) -> List[dict]:
   import jax  # pylint: disable=g-import-not-at-top
@@ -94,13 +100,13 @@ def run(names: Optional[List[str]] = None, batch: int = 8, image_size: int = 224
     xla_calls = (lambda: fwd(ja, jb).block_until_ready(), lambda: dx(jg, jb).block_until_ready(),
                  lambda: dw(ja, jg).block_until_ready())
     rec = dict(case=name, a=list(a_shape), b=list(b_shape), flops=flops,
-               xla=[round(float(gflop / _best(f, repeats)), 1) for f in xla_calls])
+               xla=[_rate(gflop, _best(f, repeats)) for f in xla_calls])
     if torch is not None:
       ta, tb, tg = map(torch.from_numpy, (a, b, g))
       tbt, tat = tb.transpose(-1, -2), ta.transpose(-1, -2)  # strided views, as autograd's
       with torch.no_grad():
         calls = (lambda: ta @ tb, lambda: tg @ tbt, lambda: tat @ tg)
-        rec['torch'] = [round(float(gflop / _best(f, repeats)), 1) for f in calls]
+        rec['torch'] = [_rate(gflop, _best(f, repeats)) for f in calls]
     records.append(rec)
     if log:
       log(rec)
