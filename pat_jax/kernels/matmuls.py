@@ -68,6 +68,8 @@ def _rate(gflop: float, seconds: float) -> float:
 
 def run(names: Optional[List[str]] = None, batch: int = 8, image_size: int = 224,
         repeats: int = 7, with_torch: bool = True, log=None) -> List[dict]:
+  """Times each case's three products in XLA and, where torch is installed and `with_torch`,
+  in torch; returns one record per case (and passes each to `log` as it is made)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   torch = None
