@@ -154,14 +154,34 @@ def _time(fn: Callable, args) -> float:
   return (time.perf_counter() - t) * 1e3
 
 
-def run(names: Optional[List[str]] = None, batch: int = 8, image_size: int = 224, repeats: int = 7,
-        warmup: int = 1, dtype: str = 'float32', log=None) -> List[dict]:
-  """Times every form of each case's op; returns one record per case."""
-  table = cases(batch, image_size)
+def select(table: dict, names: Optional[List[str]]) -> List[str]:
+  """`names` (all of `table`'s when empty), checked against the table."""
   names = names or list(table)
   unknown = sorted(set(names) - set(table))
   if unknown:
     raise ValueError(f'Unknown cases {unknown}; cases: {", ".join(table)}.')
+  return names
+
+
+def add_shape_args(parser: argparse.ArgumentParser):
+  """The flags the kernel benchmarks share: output form, the pair's batch and image size,
+  repeats and the cases to run."""
+  parser.add_argument('--json', action='store_true', help='one JSON object per line')
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--image-size', type=int, default=224)
+  parser.add_argument('--repeats', type=int, default=7)
+  parser.add_argument('--cases', default='', help='comma-separated case names (default: all)')
+
+
+def case_names(args) -> Optional[List[str]]:
+  return [c for c in args.cases.split(',') if c] or None
+
+
+def run(names: Optional[List[str]] = None, batch: int = 8, image_size: int = 224, repeats: int = 7,
+        warmup: int = 1, dtype: str = 'float32', log=None) -> List[dict]:
+  """Times every form of each case's op; returns one record per case."""
+  table = cases(batch, image_size)
+  names = select(table, names)
   dt = jnp.dtype(dtype)
   records = []
   for name in names:
@@ -216,13 +236,9 @@ def _markdown_row(rec) -> str:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--json', action='store_true', help='one JSON object per line')
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--image-size', type=int, default=224)
-  parser.add_argument('--repeats', type=int, default=7)
+  add_shape_args(parser)
   parser.add_argument('--warmup', type=int, default=1)
   parser.add_argument('--dtype', default='float32')
-  parser.add_argument('--cases', default='', help='comma-separated case names (default: all)')
   parser.add_argument('--list', action='store_true', help='list the cases and exit')
   args = parser.parse_args(argv)
   from pat_jax import xla_cpu  # pylint: disable=g-import-not-at-top
@@ -242,8 +258,8 @@ def main(argv=None):
     print('| case | what | grad | ms per form (plain first) | plain / fast | default | fastest |')
     print('|---|---|---|---|---|---|---|')
     emit = lambda rec: print(_markdown_row(rec), flush=True)
-  run([c for c in args.cases.split(',') if c] or None, args.batch, args.image_size, args.repeats,
-      args.warmup, args.dtype, log=emit)
+  run(case_names(args), args.batch, args.image_size, args.repeats, args.warmup, args.dtype,
+      log=emit)
   tail = dict(kind='footer', loadavg=list(os.getloadavg()))
   print(json.dumps(tail) if args.json else f'\nload at the end: {tail["loadavg"]}')
 

@@ -26,7 +26,8 @@ if __name__ == '__main__':  # on CPU, start again with huge pages, as the benchm
 
 import numpy as np
 
-from pat_jax.kernels.bench import DEIT_DIM, DEIT_PATCH, DIMS, header
+from pat_jax.kernels.bench import (DEIT_DIM, DEIT_PATCH, DIMS, add_shape_args, case_names,
+                                   header, select)
 
 DEIT_HEADS = 3
 
@@ -79,10 +80,7 @@ def run(names: Optional[List[str]] = None, batch: int = 8, image_size: int = 224
     except ImportError:
       torch = None
   table = cases(batch, image_size)
-  names = names or list(table)
-  unknown = sorted(set(names) - set(table))
-  if unknown:
-    raise ValueError(f'Unknown cases {unknown}; cases: {", ".join(table)}.')
+  names = select(table, names)
   rng = np.random.default_rng(0)
   swap = lambda x: jnp.swapaxes(x, -1, -2)
   fwd = jax.jit(jnp.matmul)
@@ -117,11 +115,7 @@ def run(names: Optional[List[str]] = None, batch: int = 8, image_size: int = 224
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--json', action='store_true', help='one JSON object per line')
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--image-size', type=int, default=224)
-  parser.add_argument('--repeats', type=int, default=7)
-  parser.add_argument('--cases', default='', help='comma-separated case names (default: all)')
+  add_shape_args(parser)
   parser.add_argument('--no-torch', dest='torch', action='store_false',
                       help='XLA only (torch is timed when it is installed)')
   args = parser.parse_args(argv)
@@ -145,8 +139,7 @@ def main(argv=None):
     fmt = lambda v: ' / '.join(f'{x:.0f}' for x in v) if v else '-'
     emit = lambda r: print(f'| {r["case"]} | {tuple(r["a"])} @ {tuple(r["b"])} | {fmt(r["xla"])} | '
                            f'{fmt(r.get("torch"))} |', flush=True)
-  run([c for c in args.cases.split(',') if c] or None, args.batch, args.image_size, args.repeats,
-      args.torch, log=emit)
+  run(case_names(args), args.batch, args.image_size, args.repeats, args.torch, log=emit)
 
 
 if __name__ == '__main__':
