@@ -181,9 +181,14 @@ for r in rows:
   out.append(f"| {r['label']} | {r['device']} | {r['batch_size']} | {r['dtype']} | {step} | "
              f"{num('img_per_s', '{:,.0f}')} | {mfu} | {num('compile_s')} | {peak} |")
 ok = {r['label']: r for r in rows if 'error' not in r and 'skipped' not in r}
+split = [f"{label} {r['trace_s']:.1f} + {r['lower_s']:.1f} + {r['backend_compile_s']:.1f} "
+         f"(set-up before it {r['setup_s']:.1f})" for label, r in ok.items() if 'trace_s' in r]
+if split:
+  out += ['', 'Compile s, as tracing + lowering + XLA (or loading from the cache): ' + '; '.join(split)]
 if 'pat_bf16_breakdown' in ok:
   extra = {k: v for k, v in ok['pat_bf16_breakdown'].items() if k.endswith('_s') and k not in (
-      'step_time_s', 'step_time_min_s', 'step_time_max_s', 'compile_s', 'img_per_s')}
+      'step_time_s', 'step_time_min_s', 'step_time_max_s', 'compile_s', 'img_per_s', 'trace_s',
+      'lower_s', 'backend_compile_s', 'setup_s')}
   out += ['', 'PAT step, by part (s): ' + ', '.join(f'{k} {v:.4f}' for k, v in extra.items())]
 if 'pat_bf16_profiled' in ok:
   profile = ok['pat_bf16_profiled'].get('profile', {'error': 'missing'})

@@ -7,9 +7,11 @@
 Student and teacher are randomly initialised (compute does not depend on the values), so no
 dataset or checkpoint is needed. Prints one JSON line with img_per_s, step_time_s
 (median), compile_s (the train step's one program: a fresh run's first step, without PAT's
-feedback yet, and every later step), peak_bytes (per device, from the compiled step's memory
-analysis),
-mfu (when the device's peak FLOP/s is known) and device.
+feedback yet, and every later step) and its parts trace_s (JAX tracing the Python step), lower_s
+(to StableHLO) and backend_compile_s (XLA's compile, or loading the executable from a warm
+--compilation_cache), setup_s (before the step: the teacher's and the train state's variables,
+their programs compiled or loaded), peak_bytes (per device, from the compiled step's memory
+analysis), mfu (when the device's peak FLOP/s is known) and device.
 """
 import json
 import os
@@ -132,6 +134,7 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False, p
   import numpy as np  # pylint: disable=g-import-not-at-top
   from pat_jax import kernels, profile_summary, sharding, train  # pylint: disable=g-import-not-at-top
 
+  t_setup = time.perf_counter()
   mesh = sharding.make_mesh(config.get('num_devices', 0))
   teacher = teacher_vars = None
   if config.teacher.name:
@@ -149,11 +152,20 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False, p
   batch = sharding.global_batch({'image': rng.standard_normal((b, s, s, 3), dtype=np.float32),
                                  'label': labels}, mesh)
 
+  jax.block_until_ready((state, batch, teacher_vars))
+  setup_s = time.perf_counter() - t_setup
+
   # One program for every step, a fresh run's first one included (see train.make_trainer).
+  # Timed in its three parts: a cached restart skips only the last one's XLA work.
   args = (state, batch, teacher_vars)
   t0 = time.perf_counter()
-  compiled = trainer.train_step.lower(*args).compile()
-  compile_s = time.perf_counter() - t0
+  traced = trainer.train_step.trace(*args)
+  t1 = time.perf_counter()
+  lowered = traced.lower()
+  t2 = time.perf_counter()
+  compiled = lowered.compile()
+  t3 = time.perf_counter()
+  compile_s = t3 - t0
   if profile_dir:  # the compiled program names the trace's ops (pat_jax.profile_summary)
     os.makedirs(profile_dir, exist_ok=True)
     with open(os.path.join(profile_dir, profile_summary.HLO_FILE), 'w') as f:
@@ -181,6 +193,7 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False, p
       'impl': 'pat_jax', 'model': config.model.name, 'teacher': config.teacher.name,
       'method': config.method.name, 'batch_size': b, 'image_size': s, 'dtype': str(train.compute_dtype(config)),
       'remat': bool(config.model.remat or config.teacher.remat), 'compile_s': compile_s,
+      'trace_s': t1 - t0, 'lower_s': t2 - t1, 'backend_compile_s': t3 - t2, 'setup_s': setup_s,
       'peak_bytes': peak, 'flops_per_step': flops, 'kernels': kernels.resolved(),
       'device': f'{n} x {device.device_kind} ({device.platform})'}
   if compile_only:

@@ -35,6 +35,9 @@ def test_bench_json_keys_without_tensorflow(tmp_path):
           'step_time_max_s', 'mfu'} <= set(result)
   assert result['model'] == 'mini_deit' and result['method'] == 'none' and result['batch_size'] == 8
   assert result['compile_s'] > 0 and result['img_per_s'] > 0 and result['flops_per_step'] > 0
+  # The compile in its parts (a cached restart skips only XLA's), and the set-up before it.
+  parts = [result[k] for k in ('trace_s', 'lower_s', 'backend_compile_s')]
+  assert min(parts) > 0 and abs(sum(parts) - result['compile_s']) < 1e-6 and result['setup_s'] > 0
   assert result['kernels']['gelu'] == 'xla' and result['kernels']['depthwise_conv'] == 'shift'
   # --profile_dir: the trace summed per op, named after the student's modules.
   profile = result['profile']
