@@ -94,6 +94,20 @@ def test_randaugment_parse_and_statistics():
   assert 32 <= changed <= 60
 
 
+def test_randaugment_cases_skip_xla_constant_inference():
+  """apply_batch's Case ops (one per layer) are told not to search their operands for
+  compile-time constants: TF's XLA bridge otherwise interprets the whole image computation,
+  40-48 s of a 224-pixel run's first batch on a 2-core CPU (randaugment._no_constant_operands)."""
+  spec = tf.TensorSpec
+  graph = randaugment._apply_batch.get_concrete_function(
+      spec([2, 16, 16, 3], tf.uint8), spec([2, 2], tf.int32), spec([2, 2], tf.float64),
+      spec([2, 2], tf.bool), spec([2, 2], tf.bool), spec([3], tf.float64)).graph.as_graph_def()
+  cases = [n for f in graph.library.function for n in f.node_def
+           if n.op in ('Case', 'StatelessCase')]
+  assert len(cases) == 2
+  assert all(n.attr['_xla_propagate_compile_time_consts'].b is False for n in cases)
+
+
 def test_randaugment_batch_equals_per_image_and_uncompiled_ops():
   """The pipeline's path (draw per example, `apply_batch` per batch, XLA) gives each image what
   `rand_augment` gives it alone (exactly), and the ops run uncompiled (plain TF ops, one image

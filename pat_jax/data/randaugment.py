@@ -23,6 +23,7 @@ allow 1 level on 1%).
 import math
 
 import tensorflow as tf
+from tensorflow.core.framework import attr_value_pb2
 
 from pat_jax import errors
 from pat_jax.data import augment
@@ -389,7 +390,26 @@ def _layers(image, ops, magnitudes, negates, bicubics, fill):
                                                        bicubics[i], fill))
                 for name in INCREASING_OPS] + [lambda img=image: img]
     image = tf.switch_case(ops[i], branches)
+    _no_constant_operands(image)
   return image
+
+
+def _no_constant_operands(case_output):
+  """Tells XLA not to look for compile-time constants among the Case op's operands.
+
+  Under XLA, tf.switch_case marks its Case op `_xla_propagate_compile_time_consts`, and TF's
+  XLA bridge then runs its value inference (an HLO interpreter) on every operand, the image
+  included, through the previous layer's 16 branches: at 224 x 224 that took 40-48 s of a run's
+  first batch on a 2-core CPU, every start, before XLA's own compile cache is consulted
+  (docs/BENCHMARKS.md, "A run's first batch"). No branch needs a constant operand: its image
+  has a static shape and the magnitudes are data. The compiled computation and its output are
+  unchanged (tests/test_data_augment.py)."""
+  if tf.executing_eagerly():  # eager switch_case runs the one branch: no Case op
+    return
+  op = case_output.op
+  while op.type not in ('Case', 'StatelessCase'):  # switch_case may wrap it in an Identity
+    op = op.inputs[0].op
+  op._set_attr('_xla_propagate_compile_time_consts', attr_value_pb2.AttrValue(b=False))  # pylint: disable=protected-access
 
 
 @tf.function(jit_compile=True, autograph=False)
