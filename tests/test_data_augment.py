@@ -97,7 +97,7 @@ def test_randaugment_parse_and_statistics():
 def test_randaugment_cases_skip_xla_constant_inference():
   """apply_batch's Case ops (one per layer) are told not to search their operands for
   compile-time constants: TF's XLA bridge otherwise interprets the whole image computation,
-  40-48 s of a 224-pixel run's first batch on a 2-core CPU (randaugment._no_constant_operands)."""
+  over 40 s of a 224-pixel run's first batch on a 2-core CPU (randaugment._no_constant_operands)."""
   spec = tf.TensorSpec
   graph = randaugment._apply_batch.get_concrete_function(
       spec([2, 16, 16, 3], tf.uint8), spec([2, 2], tf.int32), spec([2, 2], tf.float64),

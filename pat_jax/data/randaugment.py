@@ -399,11 +399,11 @@ def _no_constant_operands(case_output):
 
   Under XLA, tf.switch_case marks its Case op `_xla_propagate_compile_time_consts`, and TF's
   XLA bridge then runs its value inference (an HLO interpreter) on every operand, the image
-  included, through the previous layer's 16 branches: at 224 x 224 that took 40-48 s of a run's
-  first batch on a 2-core CPU, every start, before XLA's own compile cache is consulted
+  included, through the previous layer's 16 branches: at 224 x 224 that took over 40 s of a
+  run's first batch on a 2-core CPU, at every start, before any compile cache is consulted
   (docs/BENCHMARKS.md, "A run's first batch"). No branch needs a constant operand: its image
-  has a static shape and the magnitudes are data. The compiled computation and its output are
-  unchanged (tests/test_data_augment.py)."""
+  has a static shape and the magnitudes are data. The output is unchanged (bit for bit on a
+  224-pixel run's first 6 batches; tests/test_data_augment.py)."""
   if tf.executing_eagerly():  # eager switch_case runs the one branch: no Case op
     return
   op = case_output.op
