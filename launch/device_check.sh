@@ -186,9 +186,9 @@ split = [f"{label} {r['trace_s']:.1f} + {r['lower_s']:.1f} + {r['backend_compile
 if split:
   out += ['', 'Compile s, as tracing + lowering + XLA (or loading from the cache): ' + '; '.join(split)]
 if 'pat_bf16_breakdown' in ok:
-  extra = {k: v for k, v in ok['pat_bf16_breakdown'].items() if k.endswith('_s') and k not in (
-      'step_time_s', 'step_time_min_s', 'step_time_max_s', 'compile_s', 'img_per_s', 'trace_s',
-      'lower_s', 'backend_compile_s', 'setup_s')}
+  from pat_jax import bench
+  extra = {k: v for k, v in ok['pat_bf16_breakdown'].items()
+           if k.endswith('_s') and k not in bench.RESULT_SECONDS}
   out += ['', 'PAT step, by part (s): ' + ', '.join(f'{k} {v:.4f}' for k, v in extra.items())]
 if 'pat_bf16_profiled' in ok:
   profile = ok['pat_bf16_profiled'].get('profile', {'error': 'missing'})

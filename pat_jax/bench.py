@@ -43,6 +43,10 @@ flags.DEFINE_string('compilation_cache', '',
                     "with one folder to time a cached start. '': JAX's own setting (off unless "
                     '$JAX_COMPILATION_CACHE_DIR).')
 
+# The result's own seconds (and img_per_s); --breakdown adds a '<part>_s' key per part beside them.
+RESULT_SECONDS = ('compile_s', 'trace_s', 'lower_s', 'backend_compile_s', 'setup_s', 'step_time_s',
+                  'step_time_min_s', 'step_time_max_s', 'img_per_s')
+
 # Dense bf16 peak FLOP/s per chip, for MFU.
 _PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v4': 275e12, 'TPU v5e': 197e12,
                'TPU v5p': 459e12, 'TPU v6': 918e12}
