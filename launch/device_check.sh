@@ -182,7 +182,8 @@ for r in rows:
              f"{num('img_per_s', '{:,.0f}')} | {mfu} | {num('compile_s')} | {peak} |")
 ok = {r['label']: r for r in rows if 'error' not in r and 'skipped' not in r}
 split = [f"{label} {r['trace_s']:.1f} + {r['lower_s']:.1f} + {r['backend_compile_s']:.1f} "
-         f"(set-up before it {r['setup_s']:.1f})" for label, r in ok.items() if 'trace_s' in r]
+         f"(set-up before it {r['setup_s']:.1f}; kept step: {r.get('step_cache', '–')})"
+         for label, r in ok.items() if 'trace_s' in r]
 if split:
   out += ['', 'Compile s, as tracing + lowering + XLA (or loading from the cache): ' + '; '.join(split)]
 if 'pat_bf16_breakdown' in ok:

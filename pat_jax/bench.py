@@ -9,9 +9,13 @@ dataset or checkpoint is needed. Prints one JSON line with img_per_s, step_time_
 (median), compile_s (the train step's one program: a fresh run's first step, without PAT's
 feedback yet, and every later step) and its parts trace_s (JAX tracing the Python step), lower_s
 (to StableHLO) and backend_compile_s (XLA's compile, or loading the executable from a warm
---compilation_cache), setup_s (before the step: the teacher's and the train state's variables,
-their programs compiled or loaded), peak_bytes (per device, from the compiled step's memory
-analysis), mfu (when the device's peak FLOP/s is known) and device.
+--compilation_cache), step_cache (with a compilation cache the step is prepared as a training
+start prepares it, pat_jax/step_cache.py: 'exported' when traced and kept, trace_s then tracing and
+lowering it, lower_s lowering the call of the kept program; 'hit' when read back, trace_s then
+reading it; 'off' without a cache or with --config.step_cache=False), setup_s (before the step:
+the teacher's and the train state's variables, their programs compiled or loaded), peak_bytes
+(per device, from the compiled step's memory analysis), mfu (when the device's peak FLOP/s is
+known) and device.
 """
 import json
 import os
@@ -136,7 +140,7 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False, p
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from pat_jax import kernels, profile_summary, sharding, train  # pylint: disable=g-import-not-at-top
+  from pat_jax import kernels, profile_summary, sharding, step_cache, train  # pylint: disable=g-import-not-at-top
 
   t_setup = time.perf_counter()
   mesh = sharding.make_mesh(config.get('num_devices', 0))
@@ -159,17 +163,14 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False, p
   jax.block_until_ready((state, batch, teacher_vars))
   setup_s = time.perf_counter() - t_setup
 
-  # One program for every step, a fresh run's first one included (see train.make_trainer).
-  # Timed in its three parts: a cached restart skips only the last one's XLA work.
-  args = (state, batch, teacher_vars)
-  t0 = time.perf_counter()
-  traced = trainer.train_step.trace(*args)
-  t1 = time.perf_counter()
-  lowered = traced.lower()
-  t2 = time.perf_counter()
-  compiled = lowered.compile()
-  t3 = time.perf_counter()
-  compile_s = t3 - t0
+  # One program for every step, a fresh run's first one included (see train.make_trainer),
+  # prepared as a training start prepares it: with a compilation cache, its lowered program is
+  # kept and a cached restart skips the tracing too (step_cache.py). Timed in three parts.
+  step = step_cache.CachedStep(trainer.train_step, trainer.fingerprint,
+                               step_cache.directory(config))
+  run = step.prepare(state, batch, teacher_vars)
+  compiled, parts = step.compiled, step.times
+  compile_s = sum(parts.values())
   if profile_dir:  # the compiled program names the trace's ops (pat_jax.profile_summary)
     os.makedirs(profile_dir, exist_ok=True)
     with open(os.path.join(profile_dir, profile_summary.HLO_FILE), 'w') as f:
@@ -197,13 +198,13 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False, p
       'impl': 'pat_jax', 'model': config.model.name, 'teacher': config.teacher.name,
       'method': config.method.name, 'batch_size': b, 'image_size': s, 'dtype': str(train.compute_dtype(config)),
       'remat': bool(config.model.remat or config.teacher.remat), 'compile_s': compile_s,
-      'trace_s': t1 - t0, 'lower_s': t2 - t1, 'backend_compile_s': t3 - t2, 'setup_s': setup_s,
+      **parts, 'setup_s': setup_s, 'step_cache': step.status,
       'peak_bytes': peak, 'flops_per_step': flops, 'kernels': kernels.resolved(),
       'device': f'{n} x {device.device_kind} ({device.platform})'}
   if compile_only:
     return result
   extra = pat_breakdown(trainer, state, batch, teacher_vars, steps) if breakdown else {}
-  state, m = compiled(state, batch, teacher_vars)  # first run (allocations)
+  state, m = run(state, batch, teacher_vars)  # first run (allocations)
   jax.block_until_ready(m)
   times = []
   if profile_dir:
@@ -212,7 +213,7 @@ def bench_jax(config, steps, num_classes, compile_only=False, breakdown=False, p
     jax.profiler.start_trace(profile_dir, profiler_options=options)
   for _ in range(steps):
     t = time.perf_counter()
-    state, m = compiled(state, batch, teacher_vars)
+    state, m = run(state, batch, teacher_vars)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   if profile_dir:

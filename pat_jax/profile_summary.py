@@ -34,7 +34,10 @@ import re
 
 HLO_FILE = 'train_step.hlo.txt'
 # Path elements of control flow and rematerialisation, left out of `where`.
-_CONTROL = ('while', 'body', 'cond', 'closed_call', 'checkpoint', 'remat', 'rematted_computation')
+# Path parts that name control flow or a call, not a module ('call_exported': the train step
+# read back from step_cache.py runs inside a call of the kept program).
+_CONTROL = ('while', 'body', 'cond', 'closed_call', 'checkpoint', 'remat', 'rematted_computation',
+            'call_exported')
 
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+(?:\{[^}]*\})?|\([^=]*?\))\s+'
                     r'([\w\-]+)\((.*)$')

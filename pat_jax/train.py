@@ -21,7 +21,7 @@ import optax
 from absl import logging
 
 from pat_jax import (checkpoint, convert, data, errors, evaluate, metrics, models, optim, paths,
-                     sharding, weights)
+                     sharding, step_cache, weights)
 from pat_jax.distill import registry
 
 
@@ -85,6 +85,26 @@ def _student_variables(params, batch_stats):
 # ----------------------------------------------------------------------------
 # The model side of a run: student, method, optimizer, state init and the train step.
 
+# Keys that only the loop, the evaluation, the checkpoints or the weights' loading read, never the
+# step: a resume that changes them (a longer run, another teacher file) still finds its kept step.
+_NOT_IN_STEP = ('total_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+                'keep_checkpoints', 'checkpoint_strict', 'eval_batch_size', 'step_cache',
+                'teacher.checkpoint', 'teacher.min_top1', 'teacher.workdir', 'model.init_checkpoint',
+                'dataset.data_dir')
+
+
+def _step_config(config) -> str:
+  """The config as JSON (sorted), without the keys the step never reads."""
+  values = json.loads(config.to_json_best_effort())
+  for path in _NOT_IN_STEP:
+    *parents, name = path.split('.')
+    node = values
+    for parent in parents:
+      node = node.get(parent, {})
+    node.pop(name, None)
+  return json.dumps(values, sort_keys=True)
+
+
 class Trainer(NamedTuple):
   student: Any
   method: Any
@@ -94,6 +114,7 @@ class Trainer(NamedTuple):
   shardings: Any      # TrainState of NamedShardings
   init: Any           # rng -> TrainState, created sharded
   train_step: Any     # (state, batch, teacher_vars) -> (state, metrics); donates state
+  fingerprint: Any    # what the step depends on besides code and arguments (step_cache.key)
 
 
 def make_trainer(config, mesh, num_classes, steps_per_epoch, teacher=None, teacher_vars=None):
@@ -163,7 +184,10 @@ def make_trainer(config, mesh, num_classes, steps_per_epoch, teacher=None, teach
     return new_state, step_metrics
 
   train_step = jax.jit(train_step, donate_argnums=(0,), out_shardings=(shardings, rep))
-  return Trainer(student, method, tx, lr_fn, abstract, shardings, init, train_step)
+  fingerprint = {'config': _step_config(config), 'num_classes': num_classes,
+                 'steps_per_epoch': steps_per_epoch, 'student': repr(student),
+                 'teacher': repr(teacher), 'mesh': dict(mesh.shape)}
+  return Trainer(student, method, tx, lr_fn, abstract, shardings, init, train_step, fingerprint)
 
 
 # ----------------------------------------------------------------------------
@@ -315,7 +339,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {'status': 'preempted', 'step': 0}
   started = time.time()  # wall_s: this run's own time, without a teacher trained just before
   trainer = make_trainer(config, mesh, info.num_classes, steps_per_epoch, teacher, teacher_vars)
-  student, shardings, train_step = trainer.student, trainer.shardings, trainer.train_step
+  student, shardings = trainer.student, trainer.shardings
+  # Compiled at the first step; its lowered program is kept for the next start (step_cache.py).
+  train_step = step_cache.CachedStep(trainer.train_step, trainer.fingerprint,
+                                     step_cache.directory(config))
 
   # ---- State: fresh (created sharded) or resumed ---------------------------
   rng = jax.random.PRNGKey(config.seed)

@@ -38,6 +38,8 @@ def test_bench_json_keys_without_tensorflow(tmp_path):
   # The compile in its parts (a cached restart skips only XLA's), and the set-up before it.
   parts = [result[k] for k in ('trace_s', 'lower_s', 'backend_compile_s')]
   assert min(parts) > 0 and abs(sum(parts) - result['compile_s']) < 1e-6 and result['setup_s'] > 0
+  # The tests' compilation cache (conftest.py) is on: the step is kept, as a training start keeps it.
+  assert result['step_cache'] in ('exported', 'hit')
   assert result['kernels']['gelu'] == 'xla' and result['kernels']['depthwise_conv'] == 'shift'
   # --profile_dir: the trace summed per op, named after the student's modules.
   profile = result['profile']

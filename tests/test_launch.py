@@ -242,7 +242,7 @@ if [ "$2" = pat_jax.kernels.bench ]; then
 fi
 [ "$batch" = "${FAKE_HANG_BATCH:-16}" ] && exec sleep 120
 [ -e "$FAKE_STATE" ] || { touch "$FAKE_STATE"; sleep "${FAKE_FIRST_S:-0}"; }
-echo "{\"device\": \"fake\", \"batch_size\": $batch, \"dtype\": \"bfloat16\", \"step_time_s\": 0.5, \"step_time_min_s\": 0.4, \"step_time_max_s\": 0.6, \"img_per_s\": 16.0, \"compile_s\": 3.0, \"trace_s\": 1.0, \"lower_s\": 0.5, \"backend_compile_s\": 1.5, \"setup_s\": 2.0, \"peak_bytes\": 1e9, \"profile\": {\"error\": \"no trace in the fake\"}}"
+echo "{\"device\": \"fake\", \"batch_size\": $batch, \"dtype\": \"bfloat16\", \"step_time_s\": 0.5, \"step_time_min_s\": 0.4, \"step_time_max_s\": 0.6, \"img_per_s\": 16.0, \"compile_s\": 3.0, \"trace_s\": 1.0, \"lower_s\": 0.5, \"backend_compile_s\": 1.5, \"setup_s\": 2.0, \"step_cache\": \"exported\", \"peak_bytes\": 1e9, \"profile\": {\"error\": \"no trace in the fake\"}}"
 '''
 
 
@@ -278,7 +278,8 @@ def test_device_check_keeps_to_its_time_budget_and_always_writes_the_tables(tmp_
   assert '| pat_bf16 | fake | 8 | bfloat16 | 0.5000 (0.4000-0.6000) | 16 |' in table
   assert '| pat_fp32 | skipped: time budget' in table
   assert 'Profile summary: no trace in the fake' in table
-  assert 'XLA (or loading from the cache): pat_bf16 1.0 + 0.5 + 1.5 (set-up before it 2.0);' in table
+  assert ('XLA (or loading from the cache): pat_bf16 1.0 + 0.5 + 1.5 (set-up before it 2.0; kept '
+          'step: exported);') in table
   assert sorted(os.listdir(out)) == ['device_check.jsonl', 'device_check.md', 'logs.tar.gz',
                                      'work']
   with tarfile.open(out / 'logs.tar.gz') as logs:

@@ -211,6 +211,8 @@ def test_killed_pat_run_resumes_to_the_same_parameters(data_dir, teacher_dir, tm
   out = proc.output()
   assert code == 0, out[-3000:]
   assert 'Resumed from' in out
+  # The restart ran the step's program kept by the first start (step_cache.py), not traced again.
+  assert 'Train step ready in' in out and '(hit;' in out, out[-3000:]
   assert uninterrupted.wait(timeout=900) == 0, uninterrupted.output()[-3000:]
   for item in ('variables', 'ema'):
     _assert_trees_equal(_final(reference, item), _final(wd, item))
