@@ -79,6 +79,6 @@ def base(recipe: str = 'cnn') -> ml_collections.ConfigDict:
   c.dtype = 'float32'
   c.num_devices = 0  # 0: all devices; N: the first N (single process)
   # Keep the train step's lowered program beside the compilation cache, so that a restart skips
-  # tracing it (pat_jax/step_cache.py; one process only). False: trace at every start.
+  # tracing it (pat_jax/step_cache.py). False: trace at every start.
   c.step_cache = True
   return c

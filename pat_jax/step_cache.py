@@ -15,8 +15,9 @@ the versions of jax, jaxlib, flax, optax and numpy, JAX's settings, the kernel f
 the config, the classes, the steps per epoch, the models) and the arguments' shapes, dtypes and
 shardings. Code outside pat_jax that changes the step (a patched function, a method defined in
 another package) is not in it: turn the cache off then (config.step_cache=False, or
---compilation_cache=none, which turns off both caches). One process only: with several, every
-process traces as before.
+--compilation_cache=none, which turns off both caches). With several processes (a TPU slice, a
+GPU cluster) each reads its own copy from its own cache folder, or a shared one; unless every
+process has one, all of them trace and export again, so that all run the same kind of program.
 
 Files are written whole (a temporary file, then a rename) with a checksum: a damaged or foreign
 file is reported, replaced by a fresh export, and never run.
@@ -32,6 +33,7 @@ import time
 from absl import logging
 from etils import epath
 import jax
+import numpy as np
 
 FOLDER = 'pat_jax_steps'  # under JAX's compilation cache folder
 _MAGIC = b'pat_jax exported train step v1\n'
@@ -39,9 +41,9 @@ _MAGIC = b'pat_jax exported train step v1\n'
 
 def directory(config, cache_dir=None):
   """Where the kept steps go, in `cache_dir` (None: JAX's compilation cache folder); None when
-  off: config.step_cache False, no compilation cache ('' or unset) or several processes."""
+  off: config.step_cache False, or no compilation cache ('' or unset)."""
   cache = jax.config.jax_compilation_cache_dir if cache_dir is None else cache_dir
-  if not config.get('step_cache', True) or not cache or jax.process_count() > 1:
+  if not config.get('step_cache', True) or not cache:
     return None
   return os.path.join(cache, FOLDER)
 
@@ -105,9 +107,15 @@ def _write(path, exported):
   payload = bytes(exported.serialize())
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = epath.Path(f'{path}.tmp-{os.getpid()}')
+  tmp = epath.Path(f'{path}.tmp-{jax.process_index()}-{os.getpid()}')  # hosts may share a folder
   tmp.write_bytes(_MAGIC + hashlib.sha256(payload).hexdigest().encode() + payload)
   tmp.replace(path)
+
+
+def _everyone(flag: bool) -> bool:
+  """True when `flag` is True in every process (a collective: every process must call it)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
 
 
 class CachedStep:
@@ -146,6 +154,8 @@ class CachedStep:
       logging.warning('The kept train step %s was made for other arguments: exporting again.',
                       self.path)
       exported = None
+    if jax.process_count() > 1 and not _everyone(exported is not None):
+      exported = None  # another process has none: all export, and run the same kind of program
     self.status = 'hit'
     if exported is None:
       try:

@@ -105,6 +105,29 @@ def test_a_step_that_cannot_be_exported_runs_traced(tmp_path):
   assert float(metrics['loss']) == 3.0
 
 
+def test_processes_read_back_only_when_every_one_can(tmp_path, monkeypatch):
+  """Several processes: one without the kept step makes all of them export (here 2 processes
+  are pretended, and the collective that asks them is replaced by its answer)."""
+  def step(state, batch, unused):
+    return {'w': state['w'] + batch}, {'loss': jnp.sum(batch)}
+
+  monkeypatch.setattr(step_cache.jax, 'process_count', lambda: 2)
+  answers = []
+
+  def start(everyone_has_it):
+    monkeypatch.setattr(step_cache, '_everyone', lambda flag: answers.append(flag) or (
+        flag and everyone_has_it))
+    cached = step_cache.CachedStep(jax.jit(step, donate_argnums=(0,)), {}, str(tmp_path))
+    state, _ = cached({'w': jnp.zeros(3)}, jnp.ones(3), None)
+    np.testing.assert_array_equal(state['w'], np.ones(3))
+    return cached.status
+
+  assert start(True) == 'exported'  # nobody has it yet
+  assert start(True) == 'hit'
+  assert start(False) == 'exported'  # this one has it, another process has not
+  assert answers == [False, True, True]
+
+
 def test_key_follows_config_schedule_shapes_and_devices():
   trainer, tv, batches = _setup(_config())
   state = jax.eval_shape(trainer.init, jax.random.PRNGKey(0))

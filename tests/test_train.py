@@ -337,6 +337,8 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_one_step(data_dir, tmp_pa
   singles = [_launch(ev), _launch(kd + [f'--workdir={tmp_path}/kd1'])]
   finish(resumed + singles)
   assert all('Resumed from' in p.output() for p in resumed)
+  # Both processes read back the step the first pair kept (step_cache.py), and agreed to.
+  assert all('(hit;' in p.output() for p in resumed), [p.output()[-2000:] for p in resumed]
   l1 = [m['train_loss'] for m in _metrics(one) if 'train_loss' in m]
   l2 = [m['train_loss'] for m in _metrics(two) if 'train_loss' in m]
   np.testing.assert_allclose(l1, l2, atol=1e-5)
