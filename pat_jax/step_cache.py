@@ -118,6 +118,17 @@ def _everyone(flag: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
 
 
+def _compile_timed(jitted, args, t0):
+  """jitted compiled for args, and the seconds of its parts since t0 (trace_s from t0 on)."""
+  traced = jitted.trace(*args)
+  t1 = time.perf_counter()
+  lowered = traced.lower()
+  t2 = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, {'trace_s': t1 - t0, 'lower_s': t2 - t1,
+                    'backend_compile_s': time.perf_counter() - t2}
+
+
 class CachedStep:
   """make_trainer's jitted train step, (state, batch, teacher_vars) -> (state, metrics), run from
   a kept program when one matches. The state is donated, as by the plain step.
@@ -174,13 +185,7 @@ class CachedStep:
                         type(e).__name__, e)
     n_state = len(jax.tree_util.tree_leaves(state))
     wrapper = jax.jit(exported.call, donate_argnums=tuple(range(n_state)))
-    traced = wrapper.trace(*leaves)
-    t1 = time.perf_counter()
-    lowered = traced.lower()
-    t2 = time.perf_counter()
-    compiled = lowered.compile()
-    t3 = time.perf_counter()
-    self.times = {'trace_s': t1 - t0, 'lower_s': t2 - t1, 'backend_compile_s': t3 - t2}
+    compiled, self.times = _compile_timed(wrapper, leaves, t0)
     state_tree = jax.tree_util.tree_structure(state)
 
     def run(*args):
@@ -203,14 +208,7 @@ class CachedStep:
     return jax.export.export(jax.jit(flat_step, in_shardings=in_shardings))(*leaves)
 
   def _plain(self, args):
-    t0 = time.perf_counter()
-    traced = self._step.trace(*args)
-    t1 = time.perf_counter()
-    lowered = traced.lower()
-    t2 = time.perf_counter()
-    compiled = lowered.compile()
-    self.times = {'trace_s': t1 - t0, 'lower_s': t2 - t1,
-                  'backend_compile_s': time.perf_counter() - t2}
+    compiled, self.times = _compile_timed(self._step, args, time.perf_counter())
     self.compiled = self._run = compiled
     return compiled
 
