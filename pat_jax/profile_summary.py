@@ -33,9 +33,8 @@ import os
 import re
 
 HLO_FILE = 'train_step.hlo.txt'
-# Path elements of control flow and rematerialisation, left out of `where`.
-# Path parts that name control flow or a call, not a module ('call_exported': the train step
-# read back from step_cache.py runs inside a call of the kept program).
+# Path elements of control flow, rematerialisation or a call, not modules: left out of `where`
+# ('call_exported': the train step read back by step_cache.py runs inside a call of it).
 _CONTROL = ('while', 'body', 'cond', 'closed_call', 'checkpoint', 'remat', 'rematted_computation',
             'call_exported')
 
